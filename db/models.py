@@ -1,0 +1,153 @@
+"""Typed SQLAlchemy models of the catalog; migrations/ is the only way their tables change."""
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Optional
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ImageStatus(str, enum.Enum):
+    """Life cycle of an image: pending until verified, then ok or rejected; deleted by review or prune."""
+
+    PENDING = "pending"
+    OK = "ok"
+    REJECTED = "rejected"
+    DELETED = "deleted"
+
+
+class Setting(Base):
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Label(Base):
+    __tablename__ = "labels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class CrawlJob(Base):
+    """One run of a crawl for one class; counts and timings are filled in as it goes."""
+
+    __tablename__ = "crawl_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    query: Mapped[str] = mapped_column(Text)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id"), index=True)
+    engines: Mapped[str] = mapped_column(Text, default="")
+    params: Mapped[str] = mapped_column(Text, default="{}")
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    found: Mapped[int] = mapped_column(Integer, default=0)
+    downloaded: Mapped[int] = mapped_column(Integer, default=0)
+    new_images: Mapped[int] = mapped_column(Integer, default=0)
+    exact_duplicates: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    reject_reasons: Mapped[str] = mapped_column(Text, default="{}")
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
+    last_error: Mapped[Optional[str]] = mapped_column(Text)
+
+
+class Image(Base):
+    """One distinct image by content (sha256); its bytes live in the store under store_path."""
+
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_status_label", "status", "label_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    store_path: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(16))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    mode: Mapped[str] = mapped_column(String(16))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default=ImageStatus.PENDING.value)
+    reason: Mapped[Optional[str]] = mapped_column(Text)
+    label_id: Mapped[Optional[int]] = mapped_column(ForeignKey("labels.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    label: Mapped[Optional[Label]] = relationship()
+
+
+class ImageHash(Base):
+    """A perceptual hash of an image as a signed 64-bit integer; kind and version say how to recompute it."""
+
+    __tablename__ = "image_hashes"
+    __table_args__ = (Index("ix_image_hashes_kind_value", "kind", "value"),)
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+class Source(Base):
+    """Where an image came from: one row per (image, URL or path, claimed label)."""
+
+    __tablename__ = "sources"
+    __table_args__ = (UniqueConstraint("image_id", "uri", "label_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id"), index=True)
+    uri: Mapped[str] = mapped_column(Text)
+    engine: Mapped[str] = mapped_column(String(32))
+    query: Mapped[Optional[str]] = mapped_column(Text)
+    crawl_job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("crawl_jobs.id"), index=True)
+    rank: Mapped[Optional[int]] = mapped_column(Integer)
+    page_url: Mapped[Optional[str]] = mapped_column(Text)
+    http_status: Mapped[Optional[int]] = mapped_column(Integer)
+    content_type: Mapped[Optional[str]] = mapped_column(String(200))
+    fetched_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Review(Base):
+    """One review decision; rows are only ever added, so the history is complete."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    action: Mapped[str] = mapped_column(String(16))
+    old_status: Mapped[Optional[str]] = mapped_column(String(16))
+    new_status: Mapped[Optional[str]] = mapped_column(String(16))
+    old_label_id: Mapped[Optional[int]] = mapped_column(ForeignKey("labels.id"))
+    new_label_id: Mapped[Optional[int]] = mapped_column(ForeignKey("labels.id"))
+    reviewer: Mapped[str] = mapped_column(String(100))
+    undoes_id: Mapped[Optional[int]] = mapped_column(ForeignKey("reviews.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

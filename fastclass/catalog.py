@@ -1,0 +1,175 @@
+"""Where the catalog and its image store live; creating, upgrading and opening them."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from db import CatalogError, SchemaState, check_schema, open_engine, session_scope, upgrade_to_head
+from db.engine import display_url
+from db.models import Setting
+from fastclass.errors import FastclassError
+from fastclass.ingest import is_recorded_in
+from fastclass.store import ImageStore, StoreError
+
+DEFAULT_CATALOG = "fastclass.db"
+DEFAULT_STORE = "images"
+ENV_CATALOG = "FASTCLASS_CATALOG"
+STORE_SETTING = "store_root"
+
+
+def resolve_location(option: str | None) -> str:
+    """Catalog location by precedence: the --catalog option, then FASTCLASS_CATALOG, then ./fastclass.db."""
+    return option or os.environ.get(ENV_CATALOG) or DEFAULT_CATALOG
+
+
+def is_url(location: str) -> bool:
+    return "://" in location
+
+
+def catalog_url(location: str) -> str:
+    return location if is_url(location) else f"sqlite:///{Path(location).expanduser().resolve()}"
+
+
+def _base_dir(location: str) -> Path:
+    """Relative store paths are relative to the catalog file's folder (or the working folder for a URL)."""
+    return Path.cwd() if is_url(location) else Path(location).expanduser().resolve().parent
+
+
+@dataclass
+class Catalog:
+    location: str
+    engine: Engine
+    store: ImageStore
+
+    @property
+    def display(self) -> str:
+        return display_url(self.location) if is_url(self.location) else self.location
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        with session_scope(self.engine) as session:
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+@dataclass
+class InitResult:
+    location: str
+    store: Path
+    created: bool
+    upgraded: bool
+
+
+def _check_sqlite_parent(location: str) -> None:
+    parent = Path(location).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise FastclassError(f"cannot create catalog {_shown(location)}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise FastclassError(f"cannot create catalog {_shown(location)}: folder {parent} is not writable")
+
+
+def init_catalog(location: str, store: str | None = None) -> InitResult:
+    """Create a catalog (or upgrade an older one to this version's schema) and its image store."""
+    if not is_url(location):
+        _check_sqlite_parent(location)
+    engine = _open(location)
+    try:
+        state = check_schema(engine)
+        if state is SchemaState.NEWER:
+            raise FastclassError(_newer_message(location))
+        if state is not SchemaState.CURRENT:
+            upgrade_to_head(engine)
+        with session_scope(engine) as session:
+            configured = session.get(Setting, STORE_SETTING)
+            if configured is None:
+                root = _store_setting(location, store or DEFAULT_STORE)
+                session.add(Setting(key=STORE_SETTING, value=root))
+            elif store and _resolve_store(location, _store_setting(location, store)) != _resolve_store(location, configured.value):
+                raise FastclassError(
+                    f"catalog {_shown(location)} already uses the image store {configured.value}; "
+                    "moving a store is not supported by init"
+                )
+            root = configured.value if configured else root
+        store_path = _resolve_store(location, root)
+        ImageStore(store_path).create()
+    except StoreError as exc:
+        raise FastclassError(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        raise FastclassError(f"cannot initialise catalog {_shown(location)}: {_first_line(exc)}") from exc
+    finally:
+        engine.dispose()
+    return InitResult(location, store_path, created=state is SchemaState.EMPTY,
+                      upgraded=state is SchemaState.OUTDATED)
+
+
+def _store_setting(location: str, store: str) -> str:
+    # A path relative to the catalog file is kept relative, so the catalog and its store can move together.
+    path = Path(store).expanduser()
+    if is_url(location) and not path.is_absolute():
+        return str(path.resolve())
+    return str(path)
+
+
+def _resolve_store(location: str, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (_base_dir(location) / path).resolve()
+
+
+def open_catalog(location: str) -> Catalog:
+    """Open an existing, current catalog; clears temp files a crashed run left in its store."""
+    if not is_url(location) and not Path(location).expanduser().exists():
+        raise FastclassError(f"no catalog at {_shown(location)}; create one with `fastclass init`")
+    engine = _open(location)
+    try:
+        state = check_schema(engine)
+        if state is SchemaState.EMPTY:
+            raise FastclassError(f"{_shown(location)} is not a fastclass catalog; create one with `fastclass init`")
+        if state is SchemaState.OUTDATED:
+            raise FastclassError(f"catalog {_shown(location)} has an older schema; upgrade it with `fastclass init`")
+        if state is SchemaState.NEWER:
+            raise FastclassError(_newer_message(location))
+        with session_scope(engine) as session:
+            setting = session.execute(select(Setting.value).where(Setting.key == STORE_SETTING)).scalar()
+            if setting is None:
+                raise FastclassError(f"catalog {_shown(location)} has no image store set; run `fastclass init`")
+            store = ImageStore(_resolve_store(location, setting))
+            store.check()
+            store.clear_stale_temp(is_recorded_in(session))
+    except StoreError as exc:
+        engine.dispose()
+        raise FastclassError(str(exc)) from exc
+    except BaseException:
+        engine.dispose()
+        raise
+    return Catalog(location, engine, store)
+
+
+def _open(location: str) -> Engine:
+    try:
+        return open_engine(catalog_url(location))
+    except CatalogError as exc:
+        raise FastclassError(str(exc)) from exc
+
+
+def _newer_message(location: str) -> str:
+    return (f"catalog {_shown(location)} was written by a newer fastclass (unknown schema revision); "
+            "upgrade fastclass to use it")
+
+
+def _shown(location: str) -> str:
+    return display_url(location) if is_url(location) else location
+
+
+def _first_line(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

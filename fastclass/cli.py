@@ -1,0 +1,205 @@
+"""The `fastclass` command line: parse options, call one service, print its result."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from fastclass import __version__
+from fastclass.errors import FastclassError
+
+log = logging.getLogger("fastclass")
+
+
+@dataclass
+class Options:
+    catalog: str | None
+    verbose: bool
+    quiet: bool
+
+    @property
+    def location(self) -> str:
+        from fastclass.catalog import resolve_location
+
+        return resolve_location(self.catalog)
+
+    def open(self):
+        from fastclass.catalog import open_catalog
+
+        return open_catalog(self.location)
+
+
+class FastclassGroup(click.Group):
+    """Turns service errors into one `Error: ...` line and exit code 1 (a traceback only with -v)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except FastclassError as exc:
+            _maybe_traceback(ctx)
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; everything committed so far is kept, re-run to continue", err=True)
+            ctx.exit(130)
+        except Exception as exc:
+            _maybe_traceback(ctx)
+            raise click.ClickException(
+                f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)") from exc
+
+
+def _maybe_traceback(ctx: click.Context) -> None:
+    opts = ctx.find_object(Options)
+    if opts is not None and opts.verbose:
+        traceback.print_exc()
+
+
+@click.group(cls=FastclassGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--catalog", metavar="PATH|URL", help="Catalog file or database URL [env FASTCLASS_CATALOG; default ./fastclass.db].")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only results and errors; no progress bars.")
+@click.version_option(__version__, prog_name="fastclass")
+@click.pass_context
+def cli(ctx: click.Context, catalog: str | None, verbose: bool, quiet: bool) -> None:
+    """Turn a list of class names into a clean, versioned image dataset and a trained classifier."""
+    if verbose and quiet:
+        raise click.UsageError("-v and -q cannot be used together")
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    # Libraries (alembic, PIL, urllib3) speak only at WARNING; -v opens our own packages to DEBUG.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    for name in ("fastclass", "trainer", "db"):
+        logging.getLogger(name).setLevel(level)
+    ctx.obj = Options(catalog, verbose, quiet)
+
+
+pass_options = click.make_pass_decorator(Options)
+
+
+def progress_reporter(opts: Options, label: str) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """A progress callback that draws a bar on a terminal (none with -q or when stderr is not a TTY)."""
+    if opts.quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    def finish() -> None:
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
+
+    return update, finish
+
+
+def echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@cli.command()
+@click.option("--store", metavar="DIR", help="Image store folder [default: images/ beside the catalog].")
+@pass_options
+def init(opts: Options, store: str | None) -> None:
+    """Create a catalog, or upgrade an older one to this version's schema."""
+    from fastclass.catalog import init_catalog
+
+    result = init_catalog(opts.location, store)
+    what = "created" if result.created else "upgraded" if result.upgraded else "up to date:"
+    click.echo(f"Catalog {what} {opts.location} (image store {result.store})")
+
+
+@cli.command("import")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--label", metavar="NAME", help="One label for every file (a flat folder); else DIR/<label>/<files>.")
+@click.option("--workers", type=click.IntRange(1, 256), help="Worker processes for hashing [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_options
+def import_(opts: Options, directory: Path, label: str | None, workers: int | None, as_json: bool) -> None:
+    """Import an existing folder of images: DIR/<label>/<files>, or --label for a flat folder."""
+    from fastclass.importer import import_folder
+
+    catalog = opts.open()
+    update, finish = progress_reporter(opts, "Importing")
+    try:
+        with catalog.session() as session:
+            result = import_folder(session, catalog.store, directory, label=label, workers=workers, progress=update)
+    finally:
+        finish()
+        catalog.close()
+    if as_json:
+        echo_json(result.as_dict())
+        return
+    click.echo(f"Imported {result.new_images} new image(s) from {result.files} file(s); "
+               f"{result.exact_duplicates} already in the catalog or repeated, "
+               f"{result.new_sources} new source(s).")
+    for lab, count in sorted(result.new_per_label.items()):
+        click.echo(f"  {lab}: {count} new")
+    if result.skipped:
+        click.echo(f"Skipped {sum(result.skipped.values())} file(s):")
+        for reason, count in result.skipped.most_common():
+            click.echo(f"  {count:6d}  {reason}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@pass_options
+def stats(opts: Options, as_json: bool) -> None:
+    """Counts of images per label and status, and sources per engine."""
+    from fastclass.stats import STATUSES, catalog_stats
+
+    catalog = opts.open()
+    try:
+        with catalog.session() as session:
+            data = catalog_stats(session)
+    finally:
+        catalog.close()
+    if as_json:
+        echo_json(data)
+        return
+    header = f"{'label':30s} {'total':>7s}" + "".join(f" {s:>8s}" for s in STATUSES)
+    click.echo(header)
+    for name, counts in data["labels"].items():
+        click.echo(f"{name[:30]:30s} {sum(counts.values()):7d}" + "".join(f" {counts.get(s, 0):8d}" for s in STATUSES))
+    images = data["images"]
+    click.echo(f"{'(all)':30s} {images['total']:7d}" + "".join(f" {images.get(s, 0):8d}" for s in STATUSES))
+    if data["engines"]:
+        click.echo("Sources per engine: " + ", ".join(f"{e} {n}" for e, n in data["engines"].items()))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the labels as JSON.")
+@pass_options
+def labels(opts: Options, as_json: bool) -> None:
+    """The labels in the catalog with their image counts."""
+    from fastclass.stats import list_labels
+
+    catalog = opts.open()
+    try:
+        with catalog.session() as session:
+            rows = list_labels(session)
+    finally:
+        catalog.close()
+    if as_json:
+        echo_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['name']:30s} {row['total']:7d} images ({row['ok']} ok, {row['pending']} pending, "
+                   f"{row['rejected']} rejected, {row['deleted']} deleted)")
+
+
+def main() -> None:
+    cli(prog_name="fastclass")
+
+
+if __name__ == "__main__":
+    main()

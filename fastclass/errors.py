@@ -1,0 +1,9 @@
+"""Error types the services raise; the CLI prints their message as one `Error: ...` line and exits 1."""
+
+
+class FastclassError(Exception):
+    """A problem the user can fix; the message says how."""
+
+
+class NotFoundError(FastclassError):
+    """A named thing (folder, label, image, job) does not exist."""

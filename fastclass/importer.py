@@ -1,0 +1,164 @@
+"""`fastclass import`: bring an existing folder tree of images into the catalog through ingest."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from sqlalchemy.orm import Session
+
+from fastclass.errors import FastclassError, NotFoundError
+from fastclass.ingest import (
+    DEFAULT_MAX_BYTES,
+    NotAnImage,
+    PreparedImage,
+    RecordResult,
+    SourceInfo,
+    commit_batch,
+    is_recorded_in,
+    prepare_bytes,
+    read_capped,
+)
+from fastclass.labels import normalize_label
+from fastclass.store import ImageStore, StoreError
+
+BATCH_SIZE = 500
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ImportResult:
+    files: int = 0
+    new_images: int = 0
+    exact_duplicates: int = 0
+    new_sources: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    new_per_label: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {
+            "files": self.files, "new_images": self.new_images, "exact_duplicates": self.exact_duplicates,
+            "new_sources": self.new_sources, "skipped": dict(self.skipped),
+            "new_per_label": dict(self.new_per_label),
+        }
+
+
+@dataclass(frozen=True)
+class _Task:
+    path: str
+    label: str
+    store_root: str
+    max_bytes: int
+
+
+def list_import_files(root: Path, label: str | None) -> tuple[list[tuple[Path, str]], Counter]:
+    """(file, label) pairs under root: DIR/<label>/... or every file with the given label; plus skips."""
+    files, skipped = [], Counter()
+    fixed = normalize_label(label) if label else None
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        for name in sorted(filenames):
+            path = here / name
+            if name.startswith("."):
+                skipped["hidden file"] += 1
+                continue
+            if not path.is_file():
+                skipped["not a regular file"] += 1
+                continue
+            if fixed:
+                files.append((path, fixed))
+                continue
+            rel = path.relative_to(root)
+            if len(rel.parts) < 2:
+                skipped["file outside a label folder (use --label for a flat folder)"] += 1
+                continue
+            try:
+                files.append((path, normalize_label(rel.parts[0])))
+            except FastclassError:
+                skipped["label folder name is not a valid label"] += 1
+    return files, skipped
+
+
+def _worker_init() -> None:
+    # Only the parent handles Ctrl-C; a worker must also die when its parent is killed (no orphan writers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _prepare(task: _Task) -> tuple[_Task, PreparedImage | None, str | None]:
+    try:
+        data = read_capped(Path(task.path), task.max_bytes)
+        facts, stored = prepare_bytes(data, ImageStore(Path(task.store_root)))
+    except NotAnImage as exc:
+        return task, None, str(exc)
+    except OSError as exc:
+        return task, None, f"unreadable file ({exc.strerror or exc})"
+    source = SourceInfo(uri=task.path, engine="import")
+    return task, PreparedImage(facts, stored, task.label, source), None
+
+
+def _run_tasks(tasks: list[_Task], workers: int) -> Iterator[tuple[_Task, PreparedImage | None, str | None]]:
+    if workers <= 1 or len(tasks) < 8:
+        yield from map(_prepare, tasks)
+        return
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
+    try:
+        yield from pool.map(_prepare, tasks, chunksize=8)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def import_folder(session: Session, store: ImageStore, root: Path, label: str | None = None,
+                  workers: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                  progress: Progress | None = None) -> ImportResult:
+    """Import every image under root; commits every BATCH_SIZE files, so an interrupt loses one batch at most."""
+    if not root.exists():
+        raise NotFoundError(f"folder {root} does not exist")
+    if not root.is_dir():
+        raise FastclassError(f"{root} is not a folder")
+    store.check()
+    pairs, skipped = list_import_files(root.resolve(), label)
+    result = ImportResult(files=len(pairs) + sum(skipped.values()), skipped=skipped)
+    tasks = [_Task(str(path), lab, str(store.root), max_bytes) for path, lab in pairs]
+    workers = workers or os.cpu_count() or 1
+    batch: list[PreparedImage] = []
+    try:
+        for done, (task, prepared, reason) in enumerate(_run_tasks(tasks, workers), start=1):
+            if prepared is None:
+                result.skipped[reason] += 1
+            else:
+                batch.append(prepared)
+            if len(batch) >= BATCH_SIZE:
+                _commit(session, store, batch, result)
+                batch = []
+            if progress:
+                progress(done, len(tasks))
+        _commit(session, store, batch, result)
+    except BaseException as exc:
+        # An interrupt or error: what was prepared but not committed leaves no file behind.
+        session.rollback()
+        store.discard([item.stored for item in batch], is_recorded_in(session))
+        store.clear_stale_temp(is_recorded_in(session))
+        if isinstance(exc, StoreError):
+            raise FastclassError(str(exc)) from exc
+        raise
+    return result
+
+
+def _commit(session: Session, store: ImageStore, batch: list[PreparedImage], result: ImportResult) -> None:
+    recorded: RecordResult = commit_batch(session, store, batch)
+    result.new_images += recorded.new_images
+    result.exact_duplicates += recorded.exact_duplicates
+    result.new_sources += recorded.new_sources
+    result.new_per_label.update(recorded.new_per_label)

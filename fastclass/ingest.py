@@ -1,0 +1,269 @@
+"""The one way images enter the catalog: analyze bytes, store them by content, record rows and provenance.
+
+`analyze_bytes` and `prepare_file` are pure CPU/store work and run in worker processes; `record_batch`
+writes the catalog rows of many prepared images in a few bulk statements; `commit_batch` commits them and
+then releases the store's temp twins (or undoes the store writes when the commit fails).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from PIL import Image, ImageFile
+from sqlalchemy import insert, select, tuple_
+from sqlalchemy.orm import Session
+
+from db.models import Image as ImageRow
+from db.models import ImageHash, Source, utcnow
+from fastclass.hashes import HASH_KINDS, compute_hashes
+from fastclass.labels import label_ids
+from fastclass.store import ImageStore, StoredFile
+
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold; verify enforces the configured one
+HASH_DRAFT_SIZE = (64, 64)
+SQL_CHUNK = 500
+
+EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "PPM": "ppm"}
+
+# fastclass checks the pixel count itself before any decode, so Pillow's warning/raise is redundant here.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class NotAnImage(Exception):
+    """The bytes are not an image fastclass can store; the message is the reason recorded for the skip."""
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What ingest learns from the bytes alone."""
+
+    sha256: str
+    format: str
+    width: int
+    height: int
+    mode: str
+    nbytes: int
+    hashes: dict[str, int]
+    decode_error: str | None = None
+
+    @property
+    def ext(self) -> str:
+        return EXTENSIONS.get(self.format, self.format.lower())
+
+
+@dataclass
+class SourceInfo:
+    """Provenance of one fetched or imported file."""
+
+    uri: str
+    engine: str
+    query: str | None = None
+    crawl_job_id: int | None = None
+    rank: int | None = None
+    page_url: str | None = None
+    http_status: int | None = None
+    content_type: str | None = None
+    fetched_at: dt.datetime | None = None
+
+
+@dataclass
+class PreparedImage:
+    facts: ImageFacts
+    stored: StoredFile
+    label: str
+    source: SourceInfo
+
+
+@dataclass
+class RecordResult:
+    new_images: int = 0
+    exact_duplicates: int = 0
+    new_sources: int = 0
+    new_per_label: Counter = field(default_factory=Counter)
+    image_ids: list[int] = field(default_factory=list)
+
+    def add(self, other: "RecordResult") -> None:
+        self.new_images += other.new_images
+        self.exact_duplicates += other.exact_duplicates
+        self.new_sources += other.new_sources
+        self.new_per_label.update(other.new_per_label)
+        self.image_ids.extend(other.image_ids)
+
+
+def _sniff_non_image(data: bytes) -> str | None:
+    if not data:
+        return "empty file"
+    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<"):
+        if b"<svg" in data[:4096].lower():
+            return "vector image (SVG) is not supported"
+        return "not an image (HTML/XML text)"
+    return None
+
+
+def analyze_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFacts:
+    """Identify the real format from the bytes, read the header, and hash a reduced-size decode.
+
+    Raises NotAnImage for bytes that are not a raster image. A file whose header is fine but whose pixels
+    do not decode (truncated, corrupt) is still an image: it gets `decode_error` and no hashes, and verify
+    rejects it with that reason.
+    """
+    reason = _sniff_non_image(data)
+    if reason:
+        raise NotAnImage(reason)
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            fmt, (width, height), mode = img.format or "UNKNOWN", img.size, img.mode
+    except Exception as exc:  # Pillow raises many types for garbage; each means "not an image"
+        raise NotAnImage(f"not an image ({type(exc).__name__})") from exc
+    if width <= 0 or height <= 0:
+        raise NotAnImage("not an image (zero width or height)")
+    hashes: dict[str, int] = {}
+    decode_error = None
+    if width * height > max_pixels:
+        decode_error = f"decompression bomb ({width}x{height} pixels is over the limit of {max_pixels})"
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # One reduced-size decode (JPEG DCT scaling) serves the pixel check and every hash kind.
+                img.draft("L", HASH_DRAFT_SIZE)
+                hashes = compute_hashes(img.convert("L"))
+        except Exception as exc:
+            decode_error = _decode_reason(exc)
+    return ImageFacts(sha, fmt, width, height, mode, len(data), hashes, decode_error)
+
+
+def _decode_reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "truncated" in text.lower():
+        return "truncated image data"
+    return f"cannot decode: {text[:200]}"
+
+
+def read_capped(path: Path, max_bytes: int) -> bytes:
+    """Read a file, refusing one over the byte cap before reading it whole."""
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise NotAnImage(f"file is over the size limit of {max_bytes} bytes")
+    return data
+
+
+def prepare_bytes(data: bytes, store: ImageStore, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageFacts, StoredFile]:
+    facts = analyze_bytes(data, max_pixels)
+    return facts, store.put(facts.sha256, facts.ext, data)
+
+
+def record_batch(session: Session, items: Sequence[PreparedImage]) -> RecordResult:
+    """Insert rows for prepared images in bulk: new images with their hashes, and one source per new provenance."""
+    result = RecordResult()
+    if not items:
+        return result
+    labels = label_ids(session, {item.label for item in items})
+    shas = list(dict.fromkeys(item.facts.sha256 for item in items))
+    ids: dict[str, int] = {}
+    for chunk in _chunks(shas, SQL_CHUNK):
+        ids.update(session.execute(select(ImageRow.sha256, ImageRow.id).where(ImageRow.sha256.in_(chunk))).all())
+    now = utcnow()
+    new_rows, new_facts = [], {}
+    for item in items:
+        facts = item.facts
+        if facts.sha256 in ids or facts.sha256 in new_facts:
+            continue
+        new_facts[facts.sha256] = facts
+        new_rows.append({
+            "sha256": facts.sha256, "store_path": item.stored.relpath, "format": facts.format,
+            "width": facts.width, "height": facts.height, "mode": facts.mode, "bytes": facts.nbytes,
+            "status": "pending", "reason": facts.decode_error, "label_id": labels[item.label],
+            "created_at": now, "updated_at": now,
+        })
+        result.new_per_label[item.label] += 1
+    if new_rows:
+        returned = session.execute(
+            insert(ImageRow).returning(ImageRow.sha256, ImageRow.id, sort_by_parameter_order=True), new_rows
+        ).all()
+        ids.update(returned)
+        hash_rows = [
+            {"image_id": ids[sha], "kind": kind, "version": HASH_KINDS[kind].version, "value": value}
+            for sha, facts in new_facts.items()
+            for kind, value in facts.hashes.items()
+        ]
+        if hash_rows:
+            session.execute(insert(ImageHash), hash_rows)
+    result.new_images = len(new_rows)
+    result.exact_duplicates = len(items) - len(new_rows)
+    result.image_ids = [ids[item.facts.sha256] for item in items]
+    result.new_sources = _insert_sources(session, items, ids, labels, now)
+    session.flush()
+    return result
+
+
+def _insert_sources(session: Session, items: Sequence[PreparedImage], ids: dict[str, int],
+                    labels: dict[str, int], now: dt.datetime) -> int:
+    keys = {(ids[i.facts.sha256], i.source.uri, labels[i.label]): i for i in items}
+    existing: set[tuple] = set()
+    key_list = list(keys)
+    for chunk in _chunks(key_list, SQL_CHUNK):
+        existing.update(session.execute(
+            select(Source.image_id, Source.uri, Source.label_id).where(
+                tuple_(Source.image_id, Source.uri, Source.label_id).in_(chunk))
+        ).all())
+    rows = []
+    for key, item in keys.items():
+        if key in existing:
+            continue
+        src = item.source
+        rows.append({
+            "image_id": key[0], "label_id": key[2], "uri": src.uri, "engine": src.engine, "query": src.query,
+            "crawl_job_id": src.crawl_job_id, "rank": src.rank, "page_url": src.page_url,
+            "http_status": src.http_status, "content_type": src.content_type, "fetched_at": src.fetched_at or now,
+        })
+    if rows:
+        session.execute(insert(Source), rows)
+    return len(rows)
+
+
+def is_recorded_in(session: Session):
+    """A predicate for the store: does the catalog hold an image with this sha256?"""
+
+    def is_recorded(sha256: str) -> bool:
+        return session.execute(select(ImageRow.id).where(ImageRow.sha256 == sha256)).first() is not None
+
+    return is_recorded
+
+
+def commit_batch(session: Session, store: ImageStore, items: Sequence[PreparedImage]) -> RecordResult:
+    """Record and commit a batch; on any failure roll back and remove the files nobody else claims."""
+    try:
+        result = record_batch(session, items)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        store.discard([item.stored for item in items], is_recorded_in(session))
+        raise
+    store.release([item.stored for item in items])
+    return result
+
+
+def ingest_bytes(session: Session, store: ImageStore, data: bytes, label: str, source: SourceInfo,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> RecordResult:
+    """Ingest one image's bytes and commit (crawl and single-file callers); raises NotAnImage."""
+    facts, stored = prepare_bytes(data, store, max_pixels)
+    return commit_batch(session, store, [PreparedImage(facts, stored, label, source)])
+
+
+def _chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]
