@@ -7,7 +7,7 @@ from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -44,26 +44,33 @@ def open_engine(url: str) -> Engine:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise CatalogError(f"not a catalog path or database URL: {url!r}") from exc
-    if parsed.get_backend_name() == "sqlite":
-        # One connection per checkout: pooled SQLite connections across threads and forks cause lock surprises.
-        engine = create_engine(parsed, poolclass=NullPool)
-        event.listen(engine, "connect", _set_sqlite_pragmas)
-    else:
-        try:
-            engine = create_engine(parsed, pool_pre_ping=True, connect_args=_connect_args(parsed.get_backend_name()))
-        except ModuleNotFoundError as exc:
-            raise CatalogError(
-                f"no database driver for {parsed.drivername} ({exc.name} is not installed); "
-                "install it with: pip install 'fastclass[postgres]'"
-            ) from exc
+    try:
+        engine = _create(parsed)
+    except NoSuchModuleError as exc:
+        raise CatalogError(f"unsupported database URL {display_url(url)}; use a file path or postgresql+psycopg://...") from exc
     try:
         with engine.connect():
             pass
-    except OperationalError as exc:
+    except DBAPIError as exc:
         engine.dispose()
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise CatalogError(f"cannot open catalog {display_url(url)}: {reason}") from exc
     return engine
+
+
+def _create(parsed) -> Engine:
+    if parsed.get_backend_name() == "sqlite":
+        # One connection per checkout: pooled SQLite connections across threads and forks cause lock surprises.
+        engine = create_engine(parsed, poolclass=NullPool)
+        event.listen(engine, "connect", _set_sqlite_pragmas)
+        return engine
+    try:
+        return create_engine(parsed, pool_pre_ping=True, connect_args=_connect_args(parsed.get_backend_name()))
+    except ModuleNotFoundError as exc:
+        raise CatalogError(
+            f"no database driver for {parsed.drivername} ({exc.name} is not installed); "
+            "install it with: pip install 'fastclass[postgres]'"
+        ) from exc
 
 
 def _connect_args(backend: str) -> dict:

@@ -71,6 +71,8 @@ class InitResult:
 
 def _check_sqlite_parent(location: str) -> None:
     parent = Path(location).expanduser().resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise FastclassError(f"cannot create catalog {location}: {parent} is not a folder")
     if not parent.is_dir():
         raise FastclassError(f"cannot create catalog {_shown(location)}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):

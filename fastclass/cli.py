@@ -51,8 +51,9 @@ class FastclassGroup(click.Group):
             ctx.exit(130)
         except Exception as exc:
             _maybe_traceback(ctx)
+            first = (str(exc).strip().splitlines() or [""])[0]
             raise click.ClickException(
-                f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)") from exc
+                f"unexpected {type(exc).__name__}: {first} (run with -v for the traceback)") from exc
 
 
 def _maybe_traceback(ctx: click.Context) -> None:

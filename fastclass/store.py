@@ -51,7 +51,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed writer whose parent never reaps it (pid 1 in many containers) lingers as a zombie: dead.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2:][:1] != "Z"
 
 
 class ImageStore:

@@ -1,0 +1,115 @@
+"""Shared fixtures: real image bytes, real SQLite catalogs in tmp_path, a fresh PostgreSQL database per test."""
+from __future__ import annotations
+
+import io
+import os
+import random
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fastclass.catalog import init_catalog, open_catalog
+from fastclass.cli import cli
+
+PG_ENV = "FASTCLASS_TEST_POSTGRES"
+PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (96, 72), seed: int = 0, mode: str = "RGB", **save) -> bytes:
+    """A real, distinct image: smooth colour blocks plus noise, so perceptual hashes differ by seed."""
+    rng = random.Random(seed)
+    img = Image.new(mode, size)
+    w, h = size
+    block = max(w, h) // 4 or 1
+    for x0 in range(0, w, block):
+        for y0 in range(0, h, block):
+            colour = tuple(rng.randrange(256) for _ in range(len(mode))) if len(mode) > 1 else rng.randrange(256)
+            img.paste(colour, (x0, y0, x0 + block, y0 + block))
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def run_cli(args: list[str], catalog: str | None = None):
+    prefix = ["--catalog", catalog] if catalog else []
+    return CliRunner().invoke(cli, prefix + args, catch_exceptions=False)
+
+
+def pg_server_url() -> str | None:
+    """The PostgreSQL server for catalog tests, or None when none is reachable."""
+    url = os.environ.get(PG_ENV, PG_DEFAULT)
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    try:
+        psycopg.connect(_libpq(url), connect_timeout=3).close()
+    except psycopg.Error:
+        return None
+    return url
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    url = pg_server_url()
+    if url is None:
+        pytest.skip(f"no PostgreSQL server reachable at {os.environ.get(PG_ENV, PG_DEFAULT)} "
+                    f"(set {PG_ENV} to a server URL to run the PostgreSQL catalog tests)")
+    return url
+
+
+@pytest.fixture
+def pg_database(pg_server: str):
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    import psycopg
+
+    name = f"fastclass_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(_libpq(pg_server), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = pg_server.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(_libpq(pg_server), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def catalog_location(request, tmp_path: Path) -> str:
+    """An uninitialised catalog location on each backend (PostgreSQL skipped when absent)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "catalog.db")
+    return request.getfixturevalue("pg_database")
+
+
+@pytest.fixture
+def catalog(catalog_location: str, tmp_path: Path):
+    """An initialised catalog (store under tmp_path), on each backend."""
+    init_catalog(catalog_location, str(tmp_path / "store"))
+    cat = open_catalog(catalog_location)
+    yield cat
+    cat.close()
+
+
+@pytest.fixture
+def sqlite_catalog(tmp_path: Path) -> str:
+    location = str(tmp_path / "catalog.db")
+    init_catalog(location)
+    return location
+
+
+def sqlite_rows(location: str, sql: str) -> list[tuple]:
+    with sqlite3.connect(location) as conn:
+        return conn.execute(sql).fetchall()

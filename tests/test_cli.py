@@ -1,0 +1,100 @@
+"""The command line: exit codes, exact one-line errors, tracebacks only with -v, help for every command."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastclass.cli import cli
+from tests.conftest import run_cli
+
+
+def test_init_then_stats_on_an_empty_catalog(tmp_path):
+    location = str(tmp_path / "c.db")
+    result = run_cli(["init"], location)
+    assert result.exit_code == 0
+    assert result.stdout == f"Catalog created {location} (image store {tmp_path / 'images'})\n"
+    assert run_cli(["init"], location).stdout.startswith("Catalog up to date:")
+    data = json.loads(run_cli(["stats", "--json"], location).stdout)
+    assert data == {"images": {"total": 0, "ok": 0, "pending": 0, "rejected": 0, "deleted": 0},
+                    "labels": {}, "engines": {}}
+
+
+def test_catalog_location_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCLASS_CATALOG", str(tmp_path / "env.db"))
+    assert run_cli(["init"]).exit_code == 0
+    assert (tmp_path / "env.db").exists() and (tmp_path / "images").is_dir()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["stats"], "Error: no catalog at {tmp}/missing.db; create one with `fastclass init`"),
+    (["import", "{tmp}/nowhere"], "Error: no catalog at {tmp}/missing.db; create one with `fastclass init`"),
+])
+def test_missing_catalog(tmp_path, args, message):
+    result = run_cli([a.format(tmp=tmp_path) for a in args], str(tmp_path / "missing.db"))
+    assert (result.exit_code, result.stderr) == (1, message.format(tmp=tmp_path) + "\n")
+
+
+def test_missing_import_folder(sqlite_catalog, tmp_path):
+    result = run_cli(["import", str(tmp_path / "nowhere")], sqlite_catalog)
+    assert (result.exit_code, result.stderr) == (1, f"Error: folder {tmp_path / 'nowhere'} does not exist\n")
+
+
+def test_unwritable_catalog_location(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = run_cli(["init"], str(tmp_path / "afile" / "c.db"))
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: cannot create catalog {tmp_path}/afile/c.db: {tmp_path}/afile is not a folder\n"
+    result = run_cli(["init"], str(tmp_path / "no" / "such" / "c.db"))
+    assert result.stderr == f"Error: cannot create catalog {tmp_path}/no/such/c.db: folder {tmp_path}/no/such does not exist\n"
+
+
+def test_unreachable_postgresql_url_masks_password():
+    result = run_cli(["stats"], "postgresql+psycopg://postgres:hunter2@127.0.0.1:1/none")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: cannot open catalog postgresql+psycopg://postgres:***@127.0.0.1:1/none: ")
+    assert "hunter2" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_file_that_is_not_a_catalog(tmp_path):
+    (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
+    result = run_cli(["stats"], str(tmp_path / "junk.db"))
+    assert (result.exit_code, result.stderr) == (
+        1, f"Error: cannot open catalog sqlite:///{tmp_path}/junk.db: file is not a database\n")
+
+
+def test_missing_image_store(sqlite_catalog, tmp_path):
+    (tmp_path / "images" / ".tmp").rmdir()
+    (tmp_path / "images").rmdir()
+    result = run_cli(["stats"], sqlite_catalog)
+    assert result.stderr == (f"Error: image store {tmp_path}/images is missing; "
+                             "run `fastclass init` or restore the folder\n")
+
+
+def test_usage_errors_exit_2(sqlite_catalog):
+    assert run_cli(["stats", "--bogus"], sqlite_catalog).exit_code == 2
+    assert run_cli(["no-such-command"], sqlite_catalog).exit_code == 2
+    assert run_cli(["import"], sqlite_catalog).exit_code == 2
+    assert run_cli(["-v", "-q", "stats"], sqlite_catalog).exit_code == 2
+
+
+def test_traceback_only_with_verbose(tmp_path):
+    quiet = run_cli(["stats"], str(tmp_path / "missing.db"))
+    loud = run_cli(["-v", "stats"], str(tmp_path / "missing.db"))
+    assert "Traceback" not in quiet.stderr
+    assert "Traceback" in loud.stderr and loud.stderr.rstrip().endswith("create one with `fastclass init`")
+
+
+def test_every_command_has_help():
+    for name, command in cli.commands.items():
+        assert command.help, f"{name} has no help text"
+        assert run_cli([name, "--help"]).exit_code == 0
+
+
+def test_help_does_not_import_torch_or_fastai():
+    code = "import sys; from fastclass.cli import main; sys.argv=['fastclass','--help']\n" \
+           "try:\n    main()\nexcept SystemExit:\n    pass\n" \
+           "assert 'torch' not in sys.modules and 'fastai' not in sys.modules, 'heavy import at --help'"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

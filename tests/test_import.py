@@ -1,0 +1,128 @@
+"""`fastclass import`: every format, skips with reasons, idempotent re-runs, and a kill -9 that loses nothing."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastclass.catalog import open_catalog
+from fastclass.importer import import_folder
+from tests.conftest import image_bytes, run_cli, sqlite_rows, write
+
+
+def mixed_folder(root: Path) -> Path:
+    good = {"JPEG": "a.jpg", "PNG": "b.png", "WEBP": "c.webp", "GIF": "d.gif", "BMP": "e.bmp", "TIFF": "f.tiff"}
+    for seed, (fmt, name) in enumerate(good.items()):
+        write(root / "cats" / name, image_bytes(fmt, seed=seed))
+    jpeg = image_bytes("JPEG", (300, 200), seed=50)
+    write(root / "cats" / "truncated.jpg", jpeg[: len(jpeg) // 2])
+    write(root / "dogs" / "deep" / "nested.jpg", image_bytes("JPEG", seed=60))
+    write(root / "dogs" / "page.jpg", b"<html><head><title>404</title></head></html>")
+    write(root / "dogs" / "zero.jpg", b"")
+    write(root / "dogs" / "notes.txt", b"shopping list\n")
+    write(root / "dogs" / ".DS_Store", b"\x00\x00\x00\x01Bud1")
+    write(root / "loose.jpg", image_bytes("JPEG", seed=70))
+    return root
+
+
+def test_import_stores_images_and_skips_the_rest_with_reasons(catalog, tmp_path):
+    root = mixed_folder(tmp_path / "in")
+    with catalog.session() as session:
+        result = import_folder(session, catalog.store, root, workers=2)
+    assert result.new_images == 8
+    assert dict(result.new_per_label) == {"cats": 7, "dogs": 1}
+    assert dict(result.skipped) == {
+        "not an image (HTML/XML text)": 1,
+        "empty file": 1,
+        "not an image (UnidentifiedImageError)": 1,
+        "hidden file": 1,
+        "file outside a label folder (use --label for a flat folder)": 1,
+    }
+    from sqlalchemy import select
+
+    from db.models import Image
+
+    with catalog.session() as session:
+        rows = {r.format: r for r in session.execute(select(Image)).scalars()}
+        assert sorted(rows) == ["BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP"]
+        truncated = session.execute(select(Image).where(Image.reason.is_not(None))).scalar_one()
+        assert truncated.reason == "truncated image data" and truncated.status == "pending"
+        for row in session.execute(select(Image)).scalars():
+            assert catalog.store.exists(row.store_path)
+            assert row.store_path.startswith(row.sha256[:2] + "/" + row.sha256)
+    assert len(list(catalog.store.iter_files())) == 8
+
+
+def test_rerun_adds_nothing_and_flat_folder_takes_label(sqlite_catalog, tmp_path):
+    root = mixed_folder(tmp_path / "in")
+    first = run_cli(["import", str(root), "--json"], sqlite_catalog)
+    again = run_cli(["import", str(root), "--json"], sqlite_catalog)
+    assert json.loads(first.stdout)["new_images"] == 8
+    assert json.loads(again.stdout)["new_images"] == 0
+    assert json.loads(again.stdout)["new_sources"] == 0
+    flat = run_cli(["import", str(root / "cats"), "--label", "felines", "--json"], sqlite_catalog)
+    assert json.loads(flat.stdout)["new_images"] == 0 and json.loads(flat.stdout)["new_sources"] == 7
+    stats = json.loads(run_cli(["stats", "--json"], sqlite_catalog).stdout)
+    assert stats["images"] == {"total": 8, "ok": 0, "pending": 8, "rejected": 0, "deleted": 0}
+    assert stats["labels"]["cats"]["pending"] == 7
+    assert stats["engines"] == {"import": 15}
+    labels = json.loads(run_cli(["labels", "--json"], sqlite_catalog).stdout)
+    assert [(row["name"], row["total"]) for row in labels] == [("cats", 7), ("dogs", 1), ("felines", 0)]
+
+
+def consistency(location: str) -> tuple[set[str], set[str], list[str]]:
+    """(store paths of rows, files in the store, temp files) of a SQLite catalog."""
+    rows = {p for (p,) in sqlite_rows(location, "SELECT store_path FROM images")}
+    store = Path(location).parent / "images"
+    files = {f"{d.name}/{f.name}" for d in store.iterdir() if d.is_dir() and d.name != ".tmp" for f in d.iterdir()}
+    temps = sorted(p.name for p in (store / ".tmp").iterdir())
+    return rows, files, temps
+
+
+@pytest.mark.slow
+def test_kill_9_during_import_then_rerun_ends_consistent(tmp_path):
+    src = tmp_path / "in"
+    for i in range(1500):
+        write(src / f"class{i % 3}" / f"{i}.jpg", image_bytes("JPEG", (128, 96), seed=1000 + i))
+    killed = tmp_path / "killed" / "catalog.db"
+    killed.parent.mkdir()
+    assert run_cli(["init"], str(killed)).exit_code == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "fastclass", "--catalog", str(killed), "-q", "import", str(src)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if sqlite_rows(str(killed), "SELECT count(*) FROM images")[0][0] > 0:
+                break
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows, files, temps = consistency(str(killed))
+    assert 0 < len(rows) < 1500, "the kill should land mid-import"
+    assert rows <= files, "a catalog row points at a missing file"
+    twins = {name.split(".")[0] for name in temps}
+    assert {f.split("/")[1].split(".")[0] for f in files - rows} <= twins, "a stored file has neither row nor temp twin"
+
+    rerun = run_cli(["import", str(src), "--json"], str(killed))
+    assert rerun.exit_code == 0, rerun.stderr
+    rows, files, temps = consistency(str(killed))
+    assert rows == files and temps == [] and len(rows) == 1500
+
+    clean = tmp_path / "clean" / "catalog.db"
+    clean.parent.mkdir()
+    run_cli(["init"], str(clean))
+    run_cli(["import", str(src)], str(clean))
+    query = "SELECT l.name, count(*) FROM images i JOIN labels l ON l.id = i.label_id GROUP BY l.name ORDER BY 1"
+    assert sqlite_rows(str(killed), query) == sqlite_rows(str(clean), query)
+    assert sqlite_rows(str(killed), "SELECT count(*) FROM sources") == sqlite_rows(str(clean), "SELECT count(*) FROM sources")
+    assert sqlite_rows(str(killed), "SELECT count(*) FROM image_hashes") == sqlite_rows(str(clean), "SELECT count(*) FROM image_hashes")
