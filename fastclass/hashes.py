@@ -1,13 +1,29 @@
-"""Registry of perceptual hash kinds; each turns a (reduced, grayscale) image into a signed 64-bit integer."""
+"""Registry of perceptual hash kinds; each turns a reduced grayscale image into a signed 64-bit integer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
-import imagehash
+import numpy as np
 from PIL import Image
+from scipy.fft import dct
 
-HashFunction = Callable[[Image.Image], int]
+
+class HashInput:
+    """A reduced grayscale image plus the intermediate results that several hash kinds share."""
+
+    def __init__(self, gray: Image.Image) -> None:
+        self.gray = gray
+
+    @cached_property
+    def dct32(self) -> np.ndarray:
+        """2-D DCT-II of the 32x32 Lanczos-resized image, as imagehash's phash computes it."""
+        pixels = np.asarray(self.gray.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+        return dct(dct(pixels, axis=0), axis=1)
+
+
+HashFunction = Callable[[HashInput], int]
 
 
 @dataclass(frozen=True)
@@ -39,25 +55,40 @@ def to_unsigned64(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
 
 
-def _bits_to_int(h: imagehash.ImageHash) -> int:
-    return to_signed64(int(str(h), 16))
+_WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64))
+
+
+def bits_to_int(bits: np.ndarray) -> int:
+    """Row-major boolean 8x8 -> signed 64-bit, first bit most significant (imagehash's hex order)."""
+    return to_signed64(int(np.bitwise_or.reduce(_WEIGHTS[bits.ravel()])) if bits.any() else 0)
+
+
+def _median_bits(block: np.ndarray) -> int:
+    return bits_to_int(block > np.median(block))
 
 
 @register_hash("phash", version=1)
-def phash(gray: Image.Image) -> int:
-    return _bits_to_int(imagehash.phash(gray, hash_size=8))
+def phash(inp: HashInput) -> int:
+    """imagehash's phash (hash_size 8): low 8x8 DCT coefficients above their median."""
+    return _median_bits(inp.dct32[:8, :8])
+
+
+_FLIP_SIGNS = np.array([1.0 if k % 2 == 0 else -1.0 for k in range(8)])
 
 
 @register_hash("phash_flip", version=1)
-def phash_flip(gray: Image.Image) -> int:
-    """pHash of the mirrored image, so that `dedup --flip` finds left-right mirrored copies."""
-    return _bits_to_int(imagehash.phash(gray.transpose(Image.Transpose.FLIP_LEFT_RIGHT), hash_size=8))
+def phash_flip(inp: HashInput) -> int:
+    """pHash of the mirrored image, for `dedup --flip`: mirroring flips the sign of odd horizontal frequencies."""
+    return _median_bits(inp.dct32[:8, :8] * _FLIP_SIGNS)
 
 
 @register_hash("dhash", version=1)
-def dhash(gray: Image.Image) -> int:
-    return _bits_to_int(imagehash.dhash(gray, hash_size=8))
+def dhash(inp: HashInput) -> int:
+    """imagehash's dhash (hash_size 8): is each pixel brighter than its right neighbour, on a 9x8 resize."""
+    pixels = np.asarray(inp.gray.resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    return bits_to_int(pixels[:, 1:] > pixels[:, :-1])
 
 
 def compute_hashes(gray: Image.Image) -> dict[str, int]:
-    return {kind.name: kind.compute(gray) for kind in HASH_KINDS.values()}
+    inp = HashInput(gray)
+    return {kind.name: kind.compute(inp) for kind in HASH_KINDS.values()}

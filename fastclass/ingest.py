@@ -27,7 +27,7 @@ from fastclass.store import ImageStore, StoredFile
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold; verify enforces the configured one
-HASH_DRAFT_SIZE = (64, 64)
+HASH_DRAFT_SIZE = (32, 32)
 SQL_CHUNK = 500
 
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "PPM": "ppm"}
@@ -191,8 +191,10 @@ def record_batch(session: Session, items: Sequence[PreparedImage]) -> RecordResu
         })
         result.new_per_label[item.label] += 1
     if new_rows:
+        # Core inserts on the tables (not the mapped classes) skip the ORM's per-row bookkeeping.
+        images = ImageRow.__table__
         returned = session.execute(
-            insert(ImageRow).returning(ImageRow.sha256, ImageRow.id, sort_by_parameter_order=True), new_rows
+            insert(images).returning(images.c.sha256, images.c.id, sort_by_parameter_order=True), new_rows
         ).all()
         ids.update(returned)
         hash_rows = [
@@ -201,20 +203,21 @@ def record_batch(session: Session, items: Sequence[PreparedImage]) -> RecordResu
             for kind, value in facts.hashes.items()
         ]
         if hash_rows:
-            session.execute(insert(ImageHash), hash_rows)
+            session.execute(insert(ImageHash.__table__), hash_rows)
     result.new_images = len(new_rows)
     result.exact_duplicates = len(items) - len(new_rows)
     result.image_ids = [ids[item.facts.sha256] for item in items]
-    result.new_sources = _insert_sources(session, items, ids, labels, now)
+    result.new_sources = _insert_sources(session, items, ids, labels, now, set(new_facts))
     session.flush()
     return result
 
 
 def _insert_sources(session: Session, items: Sequence[PreparedImage], ids: dict[str, int],
-                    labels: dict[str, int], now: dt.datetime) -> int:
+                    labels: dict[str, int], now: dt.datetime, new_shas: set[str]) -> int:
     keys = {(ids[i.facts.sha256], i.source.uri, labels[i.label]): i for i in items}
     existing: set[tuple] = set()
-    key_list = list(keys)
+    # Images inserted by this batch cannot have sources yet; only known images need the lookup.
+    key_list = [key for key, item in keys.items() if item.facts.sha256 not in new_shas]
     for chunk in _chunks(key_list, SQL_CHUNK):
         existing.update(session.execute(
             select(Source.image_id, Source.uri, Source.label_id).where(
@@ -231,7 +234,7 @@ def _insert_sources(session: Session, items: Sequence[PreparedImage], ids: dict[
             "http_status": src.http_status, "content_type": src.content_type, "fetched_at": src.fetched_at or now,
         })
     if rows:
-        session.execute(insert(Source), rows)
+        session.execute(insert(Source.__table__), rows)
     return len(rows)
 
 

@@ -39,6 +39,25 @@ def relpath_for(sha256: str, ext: str) -> str:
     return f"{sha256[:2]}/{sha256}.{ext}"
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    # Folders are made only when missing: a mkdir per file would cost more than the write itself.
+    try:
+        fh = open(path, "xb")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "xb")
+    with fh:
+        fh.write(data)
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except FileNotFoundError:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(src, dst)
+
+
 def _unlink_twin(temp: Path) -> None:
     temp.unlink(missing_ok=True)
     temp.with_name(temp.name + ".copy").unlink(missing_ok=True)
@@ -89,12 +108,9 @@ class ImageStore:
         final = self.root / rel
         temp = self.temp_dir / f"{sha256}.{self._host}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
-            self.temp_dir.mkdir(parents=True, exist_ok=True)
-            with open(temp, "wb") as fh:
-                fh.write(data)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _write_new(temp, data)
             try:
-                os.link(temp, final)
+                _link(temp, final)
             except FileExistsError:
                 pass
             except OSError as exc:
