@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(PY) -m fastclass.demo demo
+	$(PY) -m fastclass.demo run demo
 
 test: venv
 	$(PY) -m pytest -q -ra
