@@ -97,8 +97,9 @@ def progress_reporter(opts: Options, label: str) -> tuple[Callable[[int, int], N
         bar.update(done - bar.pos)
 
     def finish() -> None:
-        if "bar" in state:
-            state["bar"].__exit__(None, None, None)
+        bar = state.pop("bar", None)
+        if bar is not None:
+            bar.__exit__(None, None, None)
 
     return update, finish
 
@@ -196,6 +197,49 @@ def labels(opts: Options, as_json: bool) -> None:
     for row in rows:
         click.echo(f"{row['name']:30s} {row['total']:7d} images ({row['ok']} ok, {row['pending']} pending, "
                    f"{row['rejected']} rejected, {row['deleted']} deleted)")
+
+
+@cli.command()
+@click.option("--label", metavar="NAME", help="Only images of this label.")
+@click.option("--min-size", default="32x32", show_default=True, metavar="WxH", help="Reject images smaller than this.")
+@click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
+              help="Reject images with more pixels (decompression bombs).")
+@click.option("--max-aspect", type=click.FloatRange(1.0), default=10.0, show_default=True,
+              help="Reject images whose long side is more than this many times the short side.")
+@click.option("--animated", type=click.Choice(["reject", "first-frame"]), default="reject", show_default=True,
+              help="Reject animations, or keep them (training uses the first frame).")
+@click.option("--recheck", is_flag=True, help="Check ok and rejected images again too (after changing the rules).")
+@click.option("--prune", is_flag=True, help="Then remove the files of rejected images (rows stay, status deleted).")
+@click.option("--workers", type=click.IntRange(1, 256), help="Worker processes [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_options
+def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max_aspect: float, animated: str,
+           recheck: bool, prune: bool, workers: int | None, as_json: bool) -> None:
+    """Fully decode unverified images; mark each ok or rejected with its reason."""
+    from fastclass.verify import VerifyRules, parse_size, prune_rejected, verify_images
+
+    width, height = parse_size(min_size)
+    rules = VerifyRules(width, height, max_pixels, max_aspect, animated)
+    catalog = opts.open()
+    update, finish = progress_reporter(opts, "Verifying")
+    try:
+        with catalog.session() as session:
+            result = verify_images(session, catalog.store, rules, label=label, recheck=recheck,
+                                   workers=workers, progress=update)
+            finish()
+            if prune:
+                result.pruned = prune_rejected(session, catalog.store)
+    finally:
+        finish()
+        catalog.close()
+    if as_json:
+        echo_json(result.as_dict())
+        return
+    click.echo(f"Checked {result.checked} image(s): {result.ok} ok, {sum(result.rejected.values())} rejected.")
+    for reason, count in result.rejected.most_common():
+        click.echo(f"  {count:6d}  {reason}")
+    if prune:
+        click.echo(f"Pruned: removed {result.pruned} file(s) of rejected images from the store.")
 
 
 def main() -> None:
