@@ -1,6 +1,7 @@
 """The `fastclass` command line: parse options, call one service, print its result."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -33,6 +34,16 @@ class Options:
         from fastclass.catalog import open_catalog
 
         return open_catalog(self.location)
+
+    @contextlib.contextmanager
+    def session(self):
+        """Open the catalog, yield (catalog, session) in one committed scope, close the catalog."""
+        catalog = self.open()
+        try:
+            with catalog.session() as session:
+                yield catalog, session
+        finally:
+            catalog.close()
 
 
 class FastclassGroup(click.Group):
@@ -130,14 +141,12 @@ def import_(opts: Options, directory: Path, label: str | None, workers: int | No
     """Import an existing folder of images: DIR/<label>/<files>, or --label for a flat folder."""
     from fastclass.importer import import_folder
 
-    catalog = opts.open()
     update, finish = progress_reporter(opts, "Importing")
     try:
-        with catalog.session() as session:
+        with opts.session() as (catalog, session):
             result = import_folder(session, catalog.store, directory, label=label, workers=workers, progress=update)
     finally:
         finish()
-        catalog.close()
     if as_json:
         echo_json(result.as_dict())
         return
@@ -159,12 +168,8 @@ def stats(opts: Options, as_json: bool) -> None:
     """Counts of images per label and status, and sources per engine."""
     from fastclass.stats import STATUSES, catalog_stats
 
-    catalog = opts.open()
-    try:
-        with catalog.session() as session:
-            data = catalog_stats(session)
-    finally:
-        catalog.close()
+    with opts.session() as (_, session):
+        data = catalog_stats(session)
     if as_json:
         echo_json(data)
         return
@@ -185,12 +190,8 @@ def labels(opts: Options, as_json: bool) -> None:
     """The labels in the catalog with their image counts."""
     from fastclass.stats import list_labels
 
-    catalog = opts.open()
-    try:
-        with catalog.session() as session:
-            rows = list_labels(session)
-    finally:
-        catalog.close()
+    with opts.session() as (_, session):
+        rows = list_labels(session)
     if as_json:
         echo_json(rows)
         return
@@ -220,10 +221,9 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
 
     width, height = parse_size(min_size)
     rules = VerifyRules(width, height, max_pixels, max_aspect, animated)
-    catalog = opts.open()
     update, finish = progress_reporter(opts, "Verifying")
     try:
-        with catalog.session() as session:
+        with opts.session() as (catalog, session):
             result = verify_images(session, catalog.store, rules, label=label, recheck=recheck,
                                    workers=workers, progress=update)
             finish()
@@ -231,7 +231,6 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
                 result.pruned = prune_rejected(session, catalog.store)
     finally:
         finish()
-        catalog.close()
     if as_json:
         echo_json(result.as_dict())
         return

@@ -1,15 +1,11 @@
 """`fastclass import`: bring an existing folder tree of images into the catalog through ingest."""
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from sqlalchemy.orm import Session
 
@@ -27,6 +23,7 @@ from fastclass.ingest import (
 )
 from fastclass.labels import normalize_label
 from fastclass.store import ImageStore, StoreError
+from fastclass.workers import map_in_workers
 
 BATCH_SIZE = 500
 Progress = Callable[[int, int], None]
@@ -86,16 +83,6 @@ def list_import_files(root: Path, label: str | None) -> tuple[list[tuple[Path, s
     return files, skipped
 
 
-def _worker_init() -> None:
-    # Only the parent handles Ctrl-C; a worker must also die when its parent is killed (no orphan writers).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-
 def _prepare(task: _Task) -> tuple[_Task, PreparedImage | None, str | None]:
     try:
         data = read_capped(Path(task.path), task.max_bytes)
@@ -106,17 +93,6 @@ def _prepare(task: _Task) -> tuple[_Task, PreparedImage | None, str | None]:
         return task, None, f"unreadable file ({exc.strerror or exc})"
     source = SourceInfo(uri=task.path, engine="import")
     return task, PreparedImage(facts, stored, task.label, source), None
-
-
-def _run_tasks(tasks: list[_Task], workers: int) -> Iterator[tuple[_Task, PreparedImage | None, str | None]]:
-    if workers <= 1 or len(tasks) < 8:
-        yield from map(_prepare, tasks)
-        return
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
-    try:
-        yield from pool.map(_prepare, tasks, chunksize=8)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def import_folder(session: Session, store: ImageStore, root: Path, label: str | None = None,
@@ -134,7 +110,7 @@ def import_folder(session: Session, store: ImageStore, root: Path, label: str | 
     workers = workers or os.cpu_count() or 1
     batch: list[PreparedImage] = []
     try:
-        for done, (task, prepared, reason) in enumerate(_run_tasks(tasks, workers), start=1):
+        for done, (task, prepared, reason) in enumerate(map_in_workers(_prepare, tasks, workers), start=1):
             if prepared is None:
                 result.skipped[reason] += 1
             else:

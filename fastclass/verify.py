@@ -4,20 +4,19 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-from PIL import Image, ImageFile
+from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
 from db.models import Label, utcnow
 from fastclass.errors import FastclassError, NotFoundError
-from fastclass.importer import _worker_init
 from fastclass.store import ImageStore
+from fastclass.workers import map_in_workers
 
 BATCH_SIZE = 500
 EXIF_ORIENTATION = 0x0112
@@ -126,17 +125,6 @@ def _check_task(task: tuple[int, str, VerifyRules]) -> Verdict:
     return Verdict(image_id, status, reason, width, height, mode)
 
 
-def _run(tasks: list[tuple[int, str, VerifyRules]], workers: int) -> Iterator[Verdict]:
-    if workers <= 1 or len(tasks) < 8:
-        yield from map(_check_task, tasks)
-        return
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
-    try:
-        yield from pool.map(_check_task, tasks, chunksize=16)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def verify_images(session: Session, store: ImageStore, rules: VerifyRules = VerifyRules(), label: str | None = None,
                   recheck: bool = False, workers: int | None = None, progress: Progress | None = None) -> VerifyResult:
     """Check pending images (every not-deleted one with recheck); commits every BATCH_SIZE verdicts."""
@@ -151,7 +139,7 @@ def verify_images(session: Session, store: ImageStore, rules: VerifyRules = Veri
     tasks = [(image_id, str(store.path(rel)), rules) for image_id, rel in rows]
     result = VerifyResult()
     batch: list[Verdict] = []
-    for done, verdict in enumerate(_run(tasks, workers or os.cpu_count() or 1), start=1):
+    for done, verdict in enumerate(map_in_workers(_check_task, tasks, workers or os.cpu_count() or 1, chunksize=16), start=1):
         batch.append(verdict)
         result.checked += 1
         if verdict.status == "ok":
