@@ -7,6 +7,7 @@ from typing import Optional
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -41,6 +42,7 @@ class ImageStatus(str, enum.Enum):
     PENDING = "pending"
     OK = "ok"
     REJECTED = "rejected"
+    DUPLICATE = "duplicate"
     DELETED = "deleted"
 
 
@@ -98,10 +100,27 @@ class Image(Base):
     status: Mapped[str] = mapped_column(String(16), default=ImageStatus.PENDING.value)
     reason: Mapped[Optional[str]] = mapped_column(Text)
     label_id: Mapped[Optional[int]] = mapped_column(ForeignKey("labels.id"))
+    dup_group_id: Mapped[Optional[int]] = mapped_column(ForeignKey("duplicate_groups.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
     label: Mapped[Optional[Label]] = relationship()
+
+
+class DuplicateGroup(Base):
+    """Near-duplicate images found by `dedup`; a group spanning labels is a conflict and keeps all members."""
+
+    __tablename__ = "duplicate_groups"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hash_kind: Mapped[str] = mapped_column(String(32))
+    threshold: Mapped[int] = mapped_column(Integer)
+    flip: Mapped[bool] = mapped_column(Boolean, default=False)
+    keeper_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE", use_alter=True))
+    size: Mapped[int] = mapped_column(Integer)
+    label_count: Mapped[int] = mapped_column(Integer)
+    is_conflict: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class ImageHash(Base):

@@ -241,6 +241,46 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
         click.echo(f"Pruned: removed {result.pruned} file(s) of rejected images from the store.")
 
 
+@cli.command()
+@click.option("--threshold", type=click.IntRange(0, 32), default=10, show_default=True,
+              help="Largest Hamming distance (of 64 bits) between near-duplicates.")
+@click.option("--hash", "hash_kind", type=click.Choice(["phash", "dhash"]), default="phash", show_default=True)
+@click.option("--flip", is_flag=True, help="Also match left-right mirrored copies.")
+@click.option("--label", metavar="NAME", help="Only images of this label (conflicts cannot be seen then).")
+@click.option("--dry-run", is_flag=True, help="Report the groups without changing the catalog.")
+@click.option("--conflicts", "show_conflicts", is_flag=True, help="List the groups that span labels and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_options
+def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str | None, dry_run: bool,
+          show_conflicts: bool, as_json: bool) -> None:
+    """Group near-duplicate images; mark all but one keeper per group duplicate; find label conflicts."""
+    from fastclass.dedup import find_near_duplicates, list_conflicts
+
+    with opts.session() as (_, session):
+        if show_conflicts:
+            conflicts = list_conflicts(session)
+        else:
+            result = find_near_duplicates(session, threshold, hash_kind, flip, label, dry_run)
+    if show_conflicts:
+        if as_json:
+            echo_json(conflicts)
+            return
+        click.echo(f"{len(conflicts)} duplicate group(s) span more than one label:")
+        for group in conflicts:
+            members = ", ".join(f"image {m['image']} ({m['label']}, {m['size']})" for m in group["members"])
+            click.echo(f"  group {group['group']}: {members}")
+        return
+    if as_json:
+        echo_json(result.as_dict())
+        return
+    prefix = "Would find" if dry_run else "Found"
+    click.echo(f"{prefix} {result.groups} group(s) of near-duplicates among {result.images} image(s): "
+               f"{result.members} member(s), {result.duplicates} marked duplicate, "
+               f"{result.conflicts} label conflict(s) (see `fastclass dedup --conflicts`).")
+    for lab, count in sorted(result.duplicates_per_label.items()):
+        click.echo(f"  {lab}: {count} duplicate(s)")
+
+
 def main() -> None:
     cli(prog_name="fastclass")
 

@@ -27,6 +27,7 @@ def run_demo(root: Path) -> None:
     fastclass("import", str(sample), catalog=catalog)
     fastclass("import", str(sample), catalog=catalog)
     fastclass("verify", catalog=catalog)
+    fastclass("dedup", "--flip", catalog=catalog)
     fastclass("stats", catalog=catalog)
     print(f"\nDemo catalog: {catalog} (images in {root / 'images'}).")
 

@@ -70,7 +70,7 @@ def test_rerun_adds_nothing_and_flat_folder_takes_label(sqlite_catalog, tmp_path
     flat = run_cli(["import", str(root / "cats"), "--label", "felines", "--json"], sqlite_catalog)
     assert json.loads(flat.stdout)["new_images"] == 0 and json.loads(flat.stdout)["new_sources"] == 7
     stats = json.loads(run_cli(["stats", "--json"], sqlite_catalog).stdout)
-    assert stats["images"] == {"total": 8, "ok": 0, "pending": 8, "rejected": 0, "deleted": 0}
+    assert stats["images"] == {"total": 8, "ok": 0, "pending": 8, "rejected": 0, "duplicate": 0, "deleted": 0}
     assert stats["labels"]["cats"]["pending"] == 7
     assert stats["engines"] == {"import": 15}
     labels = json.loads(run_cli(["labels", "--json"], sqlite_catalog).stdout)

@@ -1,0 +1,188 @@
+"""`fastclass dedup`: exact near-duplicate search over stored perceptual hashes, groups, keepers and conflicts.
+
+The search is exact (every pair within the Hamming threshold is found): multi-index hashing over four
+16-bit chunks. Two hashes within distance t agree to within floor(t/4) bits on at least one chunk
+(pigeonhole), so each hash only probes the buckets whose chunk value is that close to its own, and every
+candidate is then checked on the full 64 bits.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from db.models import DuplicateGroup, Image, ImageHash, Label, utcnow
+from fastclass.errors import FastclassError, NotFoundError
+from fastclass.hashes import HASH_KINDS
+
+CHUNKS = 4
+CHUNK_BITS = 64 // CHUNKS
+ELIGIBLE = ("pending", "ok", "duplicate")
+
+
+def _masks(bits: int, radius: int) -> np.ndarray:
+    """Every `bits`-bit mask with at most `radius` bits set."""
+    masks = [0]
+    for r in range(1, radius + 1):
+        masks += [sum(1 << b for b in combo) for combo in combinations(range(bits), r)]
+    return np.array(masks, dtype=np.uint64)
+
+
+def find_pairs(queries: np.ndarray, index: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (q, i) with popcount(queries[q] ^ index[i]) <= threshold, each once; hashes as uint64 arrays."""
+    if threshold < 0 or threshold > 32:
+        raise FastclassError("the dedup threshold must be between 0 and 32 bits")
+    masks = _masks(CHUNK_BITS, threshold // CHUNKS)
+    found_q, found_i = [], []
+    for chunk in range(CHUNKS):
+        shift = np.uint64(chunk * CHUNK_BITS)
+        low = np.uint64((1 << CHUNK_BITS) - 1)
+        index_keys = (index >> shift) & low
+        order = np.argsort(index_keys, kind="stable")
+        sorted_keys = index_keys[order]
+        query_keys = (queries >> shift) & low
+        for mask in masks:
+            targets = query_keys ^ mask
+            lo = np.searchsorted(sorted_keys, targets, "left")
+            hi = np.searchsorted(sorted_keys, targets, "right")
+            counts = hi - lo
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            q = np.repeat(np.arange(len(queries)), counts)
+            starts = np.repeat(lo - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
+            i = order[starts + np.arange(total)]
+            close = np.bitwise_count(queries[q] ^ index[i]) <= threshold
+            found_q.append(q[close])
+            found_i.append(i[close])
+    if not found_q:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    pairs = np.unique(np.stack([np.concatenate(found_q), np.concatenate(found_i)], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+@dataclass
+class DedupResult:
+    images: int = 0
+    groups: int = 0
+    members: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    duplicates_per_label: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"images": self.images, "groups": self.groups, "members": self.members,
+                "duplicates": self.duplicates, "conflicts": self.conflicts,
+                "duplicates_per_label": dict(self.duplicates_per_label)}
+
+
+def _keeper_order(row) -> tuple:
+    """Largest pixel count, then verified (ok) before pending, then oldest (by id, the ingest order)."""
+    return (-(row.width * row.height), row.status not in ("ok", "duplicate"), row.id)
+
+
+def find_near_duplicates(session: Session, threshold: int = 10, hash_kind: str = "phash", flip: bool = False,
+                         label: str | None = None, dry_run: bool = False) -> DedupResult:
+    """Regroup the eligible images from their stored hashes and mark non-keepers duplicate (unless dry_run)."""
+    if hash_kind not in HASH_KINDS or hash_kind == "phash_flip":
+        raise FastclassError(f"unknown hash kind {hash_kind!r}; use one of: phash, dhash")
+    if flip and hash_kind != "phash":
+        raise FastclassError("--flip works with --hash phash only")
+    query = (select(Image.id, Image.width, Image.height, Image.status, Image.label_id, ImageHash.value)
+             .join(ImageHash, (ImageHash.image_id == Image.id) & (ImageHash.kind == hash_kind))
+             .where(Image.status.in_(ELIGIBLE)).order_by(Image.id))
+    if label is not None:
+        label_id = session.scalar(select(Label.id).where(Label.name == label))
+        if label_id is None:
+            raise NotFoundError(f"no label {label!r} in the catalog (see `fastclass labels`)")
+        query = query.where(Image.label_id == label_id)
+    rows = session.execute(query).all()
+    result = DedupResult(images=len(rows))
+    hashes = np.array([r.value for r in rows], dtype=np.int64).view(np.uint64)
+    a, b = find_pairs(hashes, hashes, threshold)
+    keep = a < b
+    a, b = a[keep], b[keep]
+    if flip and rows:
+        flips = dict(session.execute(select(ImageHash.image_id, ImageHash.value).where(
+            ImageHash.kind == "phash_flip", ImageHash.image_id.in_([r.id for r in rows]))).all())
+        flipped = np.array([flips.get(r.id, r.value) for r in rows], dtype=np.int64).view(np.uint64)
+        fa, fb = find_pairs(flipped, hashes, threshold)
+        keep = fa != fb
+        a, b = np.concatenate([a, fa[keep]]), np.concatenate([b, fb[keep]])
+    groups = _components(len(rows), a, b)
+    labels = dict(session.execute(select(Label.id, Label.name)).all())
+    _replace_groups(session, rows, groups, labels, threshold, hash_kind, flip, result, dry_run)
+    return result
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> list[list[int]]:
+    if n == 0 or len(a) == 0:
+        return []
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    members: dict[int, list[int]] = {}
+    for position, comp in enumerate(component):
+        members.setdefault(int(comp), []).append(position)
+    return [m for m in members.values() if len(m) > 1]
+
+
+def _replace_groups(session: Session, rows, groups: list[list[int]], labels: dict[int, str], threshold: int,
+                    hash_kind: str, flip: bool, result: DedupResult, dry_run: bool) -> None:
+    ids = [r.id for r in rows]
+    now = utcnow()
+    if not dry_run:
+        # The previous grouping is replaced whole: images that are no longer a non-keeper go back to
+        # pending, and verify re-checks them cheaply.
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            session.execute(update(Image).where(Image.id.in_(chunk), Image.status == "duplicate")
+                            .values(status="pending", reason=None, updated_at=now))
+            session.execute(update(Image).where(Image.id.in_(chunk)).values(dup_group_id=None))
+        session.execute(delete(DuplicateGroup).where(~DuplicateGroup.id.in_(
+            select(Image.dup_group_id).where(Image.dup_group_id.is_not(None)))))
+    for positions in groups:
+        members = sorted((rows[p] for p in positions), key=_keeper_order)
+        keeper = members[0]
+        member_labels = {m.label_id for m in members}
+        conflict = len(member_labels) > 1
+        result.groups += 1
+        result.members += len(members)
+        result.conflicts += conflict
+        if not conflict:
+            result.duplicates += len(members) - 1
+            result.duplicates_per_label[labels.get(keeper.label_id, "(unlabelled)")] += len(members) - 1
+        if dry_run:
+            continue
+        group = DuplicateGroup(hash_kind=hash_kind, threshold=threshold, flip=flip, keeper_id=keeper.id,
+                               size=len(members), label_count=len(member_labels), is_conflict=conflict)
+        session.add(group)
+        session.flush()
+        session.execute(update(Image).where(Image.id.in_([m.id for m in members])).values(dup_group_id=group.id))
+        if not conflict:
+            session.execute(update(Image).where(Image.id.in_([m.id for m in members[1:]])).values(
+                status="duplicate", reason=f"near-duplicate of image {keeper.id}", updated_at=now))
+    if dry_run:
+        session.rollback()
+    else:
+        session.commit()
+
+
+def list_conflicts(session: Session) -> list[dict]:
+    """Duplicate groups that span labels, with their members, for review."""
+    out = []
+    for group in session.execute(select(DuplicateGroup).where(DuplicateGroup.is_conflict)
+                                 .order_by(DuplicateGroup.id)).scalars():
+        members = session.execute(
+            select(Image.id, Image.sha256, Image.width, Image.height, Image.status, Label.name)
+            .outerjoin(Label, Label.id == Image.label_id)
+            .where(Image.dup_group_id == group.id).order_by(Image.id)).all()
+        out.append({"group": group.id, "keeper": group.keeper_id, "members": [
+            {"image": m.id, "sha256": m.sha256, "label": m.name, "size": f"{m.width}x{m.height}",
+             "status": m.status} for m in members]})
+    return out
