@@ -25,6 +25,8 @@ test-fast: venv
 
 bench: venv
 	$(PY) bench/ingest.py
+	$(PY) bench/verify.py
+	$(PY) bench/dedup.py
 
 clean:
 	rm -rf demo bench/out .pytest_cache
