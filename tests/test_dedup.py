@@ -6,7 +6,7 @@ import json
 import random
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from fastclass.dedup import find_pairs
 from fastclass.sample import jpeg_bytes, load_photo, random_crop

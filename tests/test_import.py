@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from fastclass.catalog import open_catalog
 from fastclass.importer import import_folder
 from tests.conftest import image_bytes, run_cli, sqlite_rows, write
 
