@@ -85,25 +85,45 @@ def consistency(location: str) -> tuple[set[str], set[str], list[str]]:
     return rows, files, temps
 
 
-@pytest.mark.slow
-def test_kill_9_during_import_then_rerun_ends_consistent(tmp_path):
+def start_import_and_wait_for_first_commit(tmp_path, count: int = 1500):
     src = tmp_path / "in"
-    for i in range(1500):
+    for i in range(count):
         write(src / f"class{i % 3}" / f"{i}.jpg", image_bytes("JPEG", (128, 96), seed=1000 + i))
-    killed = tmp_path / "killed" / "catalog.db"
-    killed.parent.mkdir()
-    assert run_cli(["init"], str(killed)).exit_code == 0
+    location = tmp_path / "killed" / "catalog.db"
+    location.parent.mkdir()
+    assert run_cli(["init"], str(location)).exit_code == 0
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "fastclass", "--catalog", str(killed), "-q", "import", str(src)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "fastclass", "--catalog", str(location), "-q", "import", str(src)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if sqlite_rows(str(killed), "SELECT count(*) FROM images")[0][0] > 0:
+            if sqlite_rows(str(location), "SELECT count(*) FROM images")[0][0] > 0:
                 break
         except sqlite3.OperationalError:
             pass
         time.sleep(0.01)
+    return src, str(location), proc
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_import_exits_130_and_leaves_store_consistent(tmp_path):
+    src, location, proc = start_import_and_wait_for_first_commit(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines()[-1] == \
+        "Error: interrupted; everything committed so far is kept, re-run to continue"
+    rows, files, temps = consistency(location)
+    assert 0 < len(rows) < 1500, "the interrupt should land mid-import"
+    assert rows == files and temps == [], "an interrupted import cleans up after itself at once"
+    assert json.loads(run_cli(["import", str(src), "--json"], location).stdout)["new_images"] == 1500 - len(rows)
+
+
+@pytest.mark.slow
+def test_kill_9_during_import_then_rerun_ends_consistent(tmp_path):
+    src, location, proc = start_import_and_wait_for_first_commit(tmp_path)
+    killed = Path(location)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     rows, files, temps = consistency(str(killed))
