@@ -60,7 +60,7 @@ _WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64))
 
 def bits_to_int(bits: np.ndarray) -> int:
     """Row-major boolean 8x8 -> signed 64-bit, first bit most significant (imagehash's hex order)."""
-    return to_signed64(int(np.bitwise_or.reduce(_WEIGHTS[bits.ravel()])) if bits.any() else 0)
+    return to_signed64(int(np.bitwise_or.reduce(_WEIGHTS[bits.ravel()])))
 
 
 def _median_bits(block: np.ndarray) -> int:

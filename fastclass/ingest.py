@@ -88,14 +88,6 @@ class RecordResult:
     exact_duplicates: int = 0
     new_sources: int = 0
     new_per_label: Counter = field(default_factory=Counter)
-    image_ids: list[int] = field(default_factory=list)
-
-    def add(self, other: "RecordResult") -> None:
-        self.new_images += other.new_images
-        self.exact_duplicates += other.exact_duplicates
-        self.new_sources += other.new_sources
-        self.new_per_label.update(other.new_per_label)
-        self.image_ids.extend(other.image_ids)
 
 
 def _sniff_non_image(data: bytes) -> str | None:
@@ -206,7 +198,6 @@ def record_batch(session: Session, items: Sequence[PreparedImage]) -> RecordResu
             session.execute(insert(ImageHash.__table__), hash_rows)
     result.new_images = len(new_rows)
     result.exact_duplicates = len(items) - len(new_rows)
-    result.image_ids = [ids[item.facts.sha256] for item in items]
     result.new_sources = _insert_sources(session, items, ids, labels, now, set(new_facts))
     session.flush()
     return result

@@ -125,8 +125,7 @@ class ImageStore:
     def _place_by_copy(self, temp: Path, final: Path, data: bytes) -> None:
         # Filesystems without hard links: a second temp renamed into place; the first stays as the twin.
         staging = temp.with_name(temp.name + ".copy")
-        with open(staging, "wb") as fh:
-            fh.write(data)
+        _write_new(staging, data)
         if final.exists():
             staging.unlink()
         else:

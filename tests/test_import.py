@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fastclass.importer import import_folder
+from fastclass.store import ImageStore
 from tests.conftest import image_bytes, run_cli, sqlite_rows, write
 
 
@@ -79,9 +80,9 @@ def test_rerun_adds_nothing_and_flat_folder_takes_label(sqlite_catalog, tmp_path
 def consistency(location: str) -> tuple[set[str], set[str], list[str]]:
     """(store paths of rows, files in the store, temp files) of a SQLite catalog."""
     rows = {p for (p,) in sqlite_rows(location, "SELECT store_path FROM images")}
-    store = Path(location).parent / "images"
-    files = {f"{d.name}/{f.name}" for d in store.iterdir() if d.is_dir() and d.name != ".tmp" for f in d.iterdir()}
-    temps = sorted(p.name for p in (store / ".tmp").iterdir())
+    store = ImageStore(Path(location).parent / "images")
+    files = set(store.iter_files())
+    temps = sorted(p.name for p in store.temp_dir.iterdir())
     return rows, files, temps
 
 
