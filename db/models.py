@@ -9,6 +9,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -170,3 +171,66 @@ class Review(Base):
     reviewer: Mapped[str] = mapped_column(String(100))
     undoes_id: Mapped[Optional[int]] = mapped_column(ForeignKey("reviews.id"))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Split(Base):
+    """The parameters of a train/valid split; only the current one is extended by `fastclass split`."""
+
+    __tablename__ = "splits"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    valid_pct: Mapped[float] = mapped_column(Float)
+    seed: Mapped[int] = mapped_column(Integer)
+    min_valid: Mapped[int] = mapped_column(Integer)
+    is_current: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class SplitAssignment(Base):
+    """Which side of a split an image is on; written once, so later images never move it."""
+
+    __tablename__ = "split_assignments"
+
+    split_id: Mapped[int] = mapped_column(ForeignKey("splits.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    is_valid: Mapped[bool] = mapped_column(Boolean)
+    assigned_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Snapshot(Base):
+    """A named, immutable freeze of (sha256, label, split); database triggers refuse updates once sealed.
+
+    The row is inserted with digest NULL, its items are added, then the digest and counts are set once,
+    which seals it: after that neither the row nor its items can change, and no item can be added.
+    """
+
+    __tablename__ = "snapshots"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    split_id: Mapped[int] = mapped_column(ForeignKey("splits.id"))
+    valid_pct: Mapped[float] = mapped_column(Float)
+    seed: Mapped[int] = mapped_column(Integer)
+    min_valid: Mapped[int] = mapped_column(Integer)
+    label_filter: Mapped[Optional[str]] = mapped_column(Text)
+    min_per_label: Mapped[int] = mapped_column(Integer, default=0)
+    note: Mapped[Optional[str]] = mapped_column(Text)
+    digest: Mapped[Optional[str]] = mapped_column(String(64))
+    image_count: Mapped[int] = mapped_column(Integer, default=0)
+    train_count: Mapped[int] = mapped_column(Integer, default=0)
+    valid_count: Mapped[int] = mapped_column(Integer, default=0)
+    label_counts: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class SnapshotItem(Base):
+    """One image of a snapshot with the label and split it had then (names, not ids: relabels cannot reach it)."""
+
+    __tablename__ = "snapshot_items"
+
+    snapshot_id: Mapped[int] = mapped_column(ForeignKey("snapshots.id", ondelete="CASCADE"), primary_key=True)
+    # No cascade: an image a snapshot holds cannot be deleted from the catalog.
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True, index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(200))
+    is_valid: Mapped[bool] = mapped_column(Boolean)

@@ -29,7 +29,11 @@ def run_demo(root: Path) -> None:
     fastclass("verify", catalog=catalog)
     fastclass("dedup", "--flip", catalog=catalog)
     fastclass("stats", catalog=catalog)
-    print(f"\nDemo catalog: {catalog} (images in {root / 'images'}).")
+    fastclass("split", catalog=catalog)
+    fastclass("snapshot", "create", "demo-v1", "--note", "the bundled sample set", catalog=catalog)
+    fastclass("snapshot", "export", "demo-v1", str(root / "export"), catalog=catalog)
+    print(f"\nDemo catalog: {catalog} (images in {root / 'images'}; snapshot demo-v1 exported to "
+          f"{root / 'export'}).")
 
 
 def main() -> None:

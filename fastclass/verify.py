@@ -50,11 +50,15 @@ class VerifyResult:
     checked: int = 0
     ok: int = 0
     rejected: Counter = field(default_factory=Counter)
-    pruned: int = 0
+    pruned: "PruneResult | None" = None
 
     def as_dict(self) -> dict:
-        return {"checked": self.checked, "ok": self.ok, "rejected": dict(self.rejected),
-                "rejected_total": sum(self.rejected.values()), "pruned": self.pruned}
+        data = {"checked": self.checked, "ok": self.ok, "rejected": dict(self.rejected),
+                "rejected_total": sum(self.rejected.values())}
+        if self.pruned is not None:
+            data["pruned"] = self.pruned.removed
+            data["held_by_snapshot"] = dict(self.pruned.held)
+        return data
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -174,17 +178,39 @@ def _save(session: Session, verdicts: Sequence[Verdict]) -> None:
     session.commit()
 
 
-def prune_rejected(session: Session, store: ImageStore) -> int:
-    """Remove the files of rejected images; their rows stay (status deleted, reason kept). Returns files removed."""
-    ids = session.execute(select(ImageRow.id, ImageRow.store_path).where(ImageRow.status == "rejected")).all()
-    if ids:
-        session.execute(update(ImageRow), [{"id": i, "status": "deleted", "updated_at": utcnow()} for i, _ in ids])
+@dataclass
+class PruneResult:
+    removed: int = 0
+    held: Counter = field(default_factory=Counter)
+    """Images whose file was kept because snapshots hold them, per snapshot name."""
+
+    def as_dict(self) -> dict:
+        return {"removed": self.removed, "held_by_snapshot": dict(self.held)}
+
+
+def prune_rejected(session: Session, store: ImageStore) -> PruneResult:
+    """Remove the files of rejected and deleted images, except those a snapshot holds.
+
+    Pruned rows stay (status deleted, reason kept). A rejected image that a snapshot holds keeps its file
+    and its status: snapshots must stay exportable and trainable.
+    """
+    from fastclass.snapshot import snapshots_holding
+
+    result = PruneResult()
+    candidates = session.execute(select(ImageRow.id, ImageRow.status, ImageRow.store_path)
+                                 .where(ImageRow.status.in_(("rejected", "deleted")))).all()
+    held = snapshots_holding(session, [c.id for c in candidates])
+    for image_id, names in held.items():
+        for snap in names:
+            result.held[snap] += 1
+    newly = [c.id for c in candidates if c.status == "rejected" and c.id not in held]
+    if newly:
+        session.execute(update(ImageRow), [{"id": i, "status": "deleted", "updated_at": utcnow()} for i in newly])
         session.commit()
     # Rows are committed as deleted before their files go, so a crash here leaves at most a spare file,
     # which the next prune removes (it also sweeps files of rows deleted by review).
-    removed = 0
-    for (rel,) in session.execute(select(ImageRow.store_path).where(ImageRow.status == "deleted")):
-        if store.exists(rel):
-            store.remove(rel)
-            removed += 1
-    return removed
+    for candidate in candidates:
+        if candidate.id not in held and store.exists(candidate.store_path):
+            store.remove(candidate.store_path)
+            result.removed += 1
+    return result

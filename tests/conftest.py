@@ -1,6 +1,7 @@
 """Shared fixtures: real image bytes, real SQLite catalogs in tmp_path, a fresh PostgreSQL database per test."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -113,3 +114,43 @@ def sqlite_catalog(tmp_path: Path) -> str:
 def sqlite_rows(location: str, sql: str) -> list[tuple]:
     with sqlite3.connect(location) as conn:
         return conn.execute(sql).fetchall()
+
+
+def add_images(catalog, root: Path, spec: dict[str, list[bytes]]) -> None:
+    """Import real files (root/<label>/<n>.<ext>) into the catalog and verify them, through the services."""
+    from fastclass.importer import import_folder
+    from fastclass.verify import verify_images
+
+    for label, blobs in spec.items():
+        for n, data in enumerate(blobs):
+            ext = "png" if data[:4] == b"\x89PNG" else "jpg"
+            write(root / label / f"{n:04d}.{ext}", data)
+    with catalog.session() as session:
+        import_folder(session, catalog.store, root, workers=1)
+        verify_images(session, catalog.store, workers=1)
+
+
+def pngs(seeds, size: tuple[int, int] = (40, 40)) -> list[bytes]:
+    return [image_bytes("PNG", size, seed=s) for s in seeds]
+
+
+def photo_like(seed: int, size: tuple[int, int] = (64, 64), fmt: str = "PNG") -> bytes:
+    """Smooth random structure (16x16 noise scaled up): distinct seeds are far apart in perceptual hash,
+    while one seed at two sizes is a near-copy."""
+    rng = random.Random(seed)
+    small = Image.frombytes("RGB", (16, 16), bytes(rng.randrange(256) for _ in range(16 * 16 * 3)))
+    buf = io.BytesIO()
+    small.resize(size, Image.BILINEAR).save(buf, fmt)
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def sqlite_catalog_named(tmp_path: Path, name: str):
+    """Another initialised SQLite catalog (with its own store) beside the test's, open for the block."""
+    location = str(tmp_path / f"{name}.db")
+    init_catalog(location, str(tmp_path / f"{name}-store"))
+    catalog = open_catalog(location)
+    try:
+        yield catalog
+    finally:
+        catalog.close()
