@@ -27,6 +27,7 @@ bench: venv
 	$(PY) bench/ingest.py
 	$(PY) bench/verify.py
 	$(PY) bench/dedup.py
+	$(PY) bench/split.py
 
 clean:
 	rm -rf demo bench/out .pytest_cache

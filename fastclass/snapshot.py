@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from operator import itemgetter
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,8 @@ def split_name(is_valid: bool) -> str:
 def content_digest(rows: Iterable[tuple[str, str, bool]]) -> str:
     """sha256 over the (sha256, label, split) rows sorted by image sha256: equal content, equal digest."""
     digest = hashlib.sha256()
-    for sha, label, is_valid in sorted(rows):
+    # Sort on the sha256 string alone (unique per image): comparing whole result rows is many times slower.
+    for sha, label, is_valid in sorted(rows, key=itemgetter(0)):
         digest.update(f"{sha}\t{label}\t{split_name(is_valid)}\n".encode())
     return digest.hexdigest()
 

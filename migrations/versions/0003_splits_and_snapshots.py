@@ -95,7 +95,8 @@ def upgrade() -> None:
     sa.Column('is_valid', sa.Boolean(), nullable=False),
     sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_snapshot_items_image_id_images')),
     sa.ForeignKeyConstraint(['snapshot_id'], ['snapshots.id'], name=op.f('fk_snapshot_items_snapshot_id_snapshots'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('snapshot_id', 'image_id', name=op.f('pk_snapshot_items'))
+    sa.PrimaryKeyConstraint('snapshot_id', 'image_id', name=op.f('pk_snapshot_items')),
+    sqlite_with_rowid=False
     )
     with op.batch_alter_table('snapshot_items', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_snapshot_items_image_id'), ['image_id'], unique=False)
@@ -106,10 +107,10 @@ def upgrade() -> None:
     sa.Column('split_id', sa.Integer(), nullable=False),
     sa.Column('image_id', sa.Integer(), nullable=False),
     sa.Column('is_valid', sa.Boolean(), nullable=False),
-    sa.Column('assigned_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_split_assignments_image_id_images'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['split_id'], ['splits.id'], name=op.f('fk_split_assignments_split_id_splits'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('split_id', 'image_id', name=op.f('pk_split_assignments'))
+    sa.PrimaryKeyConstraint('split_id', 'image_id', name=op.f('pk_split_assignments')),
+    sqlite_with_rowid=False
     )
 
 
