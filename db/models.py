@@ -82,6 +82,7 @@ class CrawlJob(Base):
     started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
     last_error: Mapped[Optional[str]] = mapped_column(Text)
+    engine_stats: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
 
 
 class Image(Base):
@@ -236,3 +237,23 @@ class SnapshotItem(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     label: Mapped[str] = mapped_column(String(200))
     is_valid: Mapped[bool] = mapped_column(Boolean)
+
+
+class FetchedUrl(Base):
+    """The outcome of fetching one image URL, so that a resumed crawl never fetches it again.
+
+    One row per URL (keyed by the sha256 of the URL, since URLs can be longer than an index allows).
+    A temporary failure (timeout, 5xx, 429) is retried by the next run; a permanent one (404, not an
+    image, too large, redirect loop) and a success are not.
+    """
+
+    __tablename__ = "fetched_urls"
+
+    url_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[Optional[str]] = mapped_column(Text)
+    http_status: Mapped[Optional[int]] = mapped_column(Integer)
+    sha256: Mapped[Optional[str]] = mapped_column(String(64))
+    crawl_job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("crawl_jobs.id"), index=True)
+    fetched_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

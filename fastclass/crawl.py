@@ -1,0 +1,758 @@
+"""`fastclass crawl`: one class from web engines into the catalog, resumable, polite and deduplicated.
+
+The main thread walks each engine's result pages and owns the catalog session; a thread pool downloads
+(byte cap, timeouts, redirect limit, per-host concurrency, Retry-After) and analyses and stores the bytes,
+so the network wait overlaps. Every URL's outcome is recorded in `fetched_urls` in the same transaction
+as its image, which is what makes a re-run (or `--resume`) skip everything fetched before.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import datetime as dt
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shlex
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlsplit
+
+import requests
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
+
+from db.models import CrawlJob, FetchedUrl, Image, Label, Source, utcnow
+from fastclass import __version__
+from fastclass.engines import EngineProblem, EngineRequest, Hit, RewritingSession, get_engine
+from fastclass.errors import FastclassError, NotFoundError
+from fastclass.ingest import (
+    DEFAULT_MAX_BYTES,
+    NotAnImage,
+    PreparedImage,
+    SourceInfo,
+    analyze_bytes,
+    commit_batch,
+    is_recorded_in,
+)
+from fastclass.labels import label_ids, normalize_label
+from fastclass.store import ImageStore, StoredFile
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"fastclass/{__version__} (+https://github.com/fastclass; image dataset builder)"
+PERMANENT_HTTP = {400, 401, 403, 404, 405, 406, 410, 414, 415, 451}
+RETRY_HTTP = {429, 502, 503, 504}
+MAX_RETRY_WAIT = 60.0
+MAX_PAGE_BYTES = 10 * 1024 * 1024
+BATCH_SIZE = 32
+BATCH_SECONDS = 0.5
+NOT_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/javascript")
+
+
+@dataclass
+class CrawlOptions:
+    """Everything one class's crawl needs; stored with its job so `--resume` can run it again."""
+
+    query: str
+    label: str
+    engines: list[str]
+    max_new: int = 100
+    min_size: tuple[int, int] | None = None
+    threads: int = 8
+    per_host: int = 4
+    filters: dict[str, str] = field(default_factory=dict)
+    pages: list[str] = field(default_factory=list)
+    urls_file: str | None = None
+    engine_urls: dict[str, str] = field(default_factory=dict)
+    max_bytes: int = DEFAULT_MAX_BYTES
+    timeout: float = 10.0
+    connect_timeout: float = 5.0
+    max_redirects: int = 5
+    retries: int = 3
+    max_failures: int = 30
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CrawlOptions":
+        data = json.loads(text)
+        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if data.get("min_size"):
+            data["min_size"] = tuple(data["min_size"])
+        return cls(**data)
+
+
+@dataclass
+class EngineStats:
+    found: int = 0
+    skipped: int = 0
+    downloaded: int = 0
+    new: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    problem: str | None = None
+
+
+@dataclass
+class CrawlReport:
+    job_id: int
+    query: str
+    label: str
+    status: str = "running"
+    found: int = 0
+    skipped: int = 0
+    downloaded: int = 0
+    new_images: int = 0
+    exact_duplicates: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    failed: Counter = field(default_factory=Counter)
+    engines: dict[str, EngineStats] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"job": self.job_id, "query": self.query, "label": self.label, "status": self.status,
+                "found": self.found, "skipped_known": self.skipped, "downloaded": self.downloaded,
+                "new_images": self.new_images, "exact_duplicates": self.exact_duplicates,
+                "rejected": dict(self.rejected), "failed": dict(self.failed),
+                "engines": {name: asdict(stats) for name, stats in self.engines.items()},
+                "problems": self.problems, "seconds": round(self.seconds, 2)}
+
+
+@dataclass
+class _Outcome:
+    hit: Hit
+    engine: str
+    rank: int
+    stored: StoredFile | None = None
+    prepared: PreparedImage | None = None
+    reason: str | None = None
+    permanent: bool = True
+    rejected: bool = False
+    http_status: int | None = None
+    content_type: str | None = None
+
+
+def url_hash(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def label_from_query(query: str, exclude: list[str] = ()) -> str:
+    """A label from a search term: the exclude words removed, lower case, spaces to underscores."""
+    words = [w for w in re.split(r"\s+", query.strip()) if w and w.lower() not in {e.lower() for e in exclude}]
+    label = "_".join(words).lower()
+    label = re.sub(r"[^\w&+.-]+", "_", label).strip("_.")
+    return normalize_label(label or "unnamed")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise FastclassError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 200x200")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_filters(pairs: list[str]) -> dict[str, str]:
+    filters = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise FastclassError(f"--filter {pair!r} is not KEY=VALUE, e.g. type=photo")
+        filters[key.strip()] = value.strip()
+    return filters
+
+
+def parse_engine_urls(pairs: list[str]) -> dict[str, str]:
+    urls = {}
+    for pair in pairs:
+        name, sep, base = pair.partition("=")
+        if not sep or urlsplit(base).scheme not in ("http", "https"):
+            raise FastclassError(f"--engine-url {pair!r} is not ENGINE=http(s)://HOST[:PORT]")
+        get_engine(name)
+        urls[name] = base
+    return urls
+
+
+@dataclass
+class ClassRow:
+    line: int
+    query: str
+    label: str
+
+
+def read_class_csv(path: Path) -> tuple[list[ClassRow], list[str]]:
+    """Rows of the fastclass CSV (`searchterm,exclude`, optional `label`), and one message per bad row.
+
+    The query sent to the engines is the search term plus `-word` for each exclude word; the label is the
+    search term without the exclude words. Exclude words are separated by spaces; quote phrases.
+    """
+    if not path.is_file():
+        raise NotFoundError(f"CSV file {path} does not exist")
+    rows, errors = [], []
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh, skipinitialspace=True)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if "searchterm" not in header:
+            raise FastclassError(f"{path}: the first line must be the header `searchterm,exclude` (found {header})")
+        column = {name: header.index(name) for name in ("searchterm", "exclude", "label") if name in header}
+        for record in reader:
+            line = reader.line_num
+            if not any(cell.strip() for cell in record):
+                continue
+
+            def cell(name: str) -> str:
+                index = column.get(name)
+                return record[index].strip() if index is not None and index < len(record) else ""
+            term = cell("searchterm")
+            if not term:
+                errors.append(f"{path}:{line}: empty searchterm")
+                continue
+            if any(extra.strip() for extra in record[len(header):]):
+                errors.append(f"{path}:{line}: {len(record)} fields, the header has {len(header)} "
+                              "(quote a search term that holds a comma)")
+                continue
+            try:
+                exclude = shlex.split(cell("exclude"))
+            except ValueError as exc:
+                errors.append(f"{path}:{line}: exclude column: {exc}")
+                continue
+            try:
+                label = normalize_label(cell("label")) if cell("label") else label_from_query(term, exclude)
+            except FastclassError as exc:
+                errors.append(f"{path}:{line}: {exc}")
+                continue
+            query = " ".join([term] + [f'-"{w}"' if " " in w else f"-{w}" for w in exclude])
+            rows.append(ClassRow(line, query, label))
+    return rows, errors
+
+
+class _HostLimits:
+    def __init__(self, per_host: int) -> None:
+        self.per_host = per_host
+        self.lock = threading.Lock()
+        self.semaphores: dict[str, threading.Semaphore] = {}
+
+    def __call__(self, host: str) -> threading.Semaphore:
+        with self.lock:
+            return self.semaphores.setdefault(host, threading.Semaphore(self.per_host))
+
+
+def _retry_wait(response: requests.Response | None, attempt: int) -> float:
+    """Seconds to wait before a retry: the server's Retry-After when given, else exponential, with jitter."""
+    wait = 0.5 * 2 ** attempt
+    value = response.headers.get("Retry-After") if response is not None else None
+    if value:
+        if value.strip().isdigit():
+            wait = float(value.strip())
+        else:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+                wait = (when - dt.datetime.now(dt.timezone.utc)).total_seconds()
+            except (TypeError, ValueError):
+                pass
+    wait = min(max(wait, 0.0), MAX_RETRY_WAIT)
+    return wait + random.uniform(0, 0.1 * wait + 0.05)
+
+
+class Crawler:
+    """One class's crawl: engines in order, downloads in a thread pool, catalog writes in this thread."""
+
+    def __init__(self, session: Session, store: ImageStore, options: CrawlOptions, log_dir: Path,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.session = session
+        self.store = store
+        self.options = options
+        self.log_dir = log_dir
+        self.progress = progress
+        self.stop = threading.Event()
+        self.local = threading.local()
+        self.host_limits = _HostLimits(options.per_host)
+        rewrites = {}
+        for name, base in options.engine_urls.items():
+            engine = get_engine(name)
+            if engine.public_base:
+                rewrites[engine.public_base] = base
+        self.rewrites = rewrites
+        self.page_session = self._new_session()
+        self.pending: list[_Outcome] = []
+        self.failures: list[_Outcome] = []
+        self.last_flush = time.monotonic()
+        self.consecutive_failures = 0
+        self.last_failure = ""
+        self.job_id = 0
+        self.label_id = 0
+
+    def _new_session(self) -> RewritingSession:
+        session = RewritingSession(self.rewrites, (self.options.connect_timeout, self.options.timeout), USER_AGENT)
+        session.max_redirects = self.options.max_redirects
+        adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=max(16, self.options.threads))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    def _thread_session(self) -> RewritingSession:
+        session = getattr(self.local, "session", None)
+        if session is None:
+            session = self.local.session = self._new_session()
+        return session
+
+    # -- result pages ---------------------------------------------------------------------------
+    def fetch_page(self, engine: str, url: str) -> requests.Response:
+        last = "no answer"
+        for attempt in range(self.options.retries + 1):
+            try:
+                response = self.page_session.get(url, allow_redirects=True)
+            except requests.TooManyRedirects:
+                raise EngineProblem(f"{engine}: too many redirects fetching {url}") from None
+            except requests.RequestException as exc:
+                last = _short_error(exc)
+                if attempt < self.options.retries and not self.stop.wait(_retry_wait(None, attempt)):
+                    continue
+                raise EngineProblem(f"{engine}: cannot fetch its result page {url}: {last}") from None
+            code = response.status_code
+            if code in RETRY_HTTP and attempt < self.options.retries:
+                if not self.stop.wait(_retry_wait(response, attempt)):
+                    continue
+            if code in (403, 429):
+                raise EngineProblem(f"{engine} refused our requests (HTTP {code} on {url}): it is blocking or "
+                                    "rate-limiting this machine; wait, then re-run to continue")
+            if code >= 400:
+                raise EngineProblem(f"{engine} answered HTTP {code} for its result page {url}")
+            if len(response.content) > MAX_PAGE_BYTES:
+                raise EngineProblem(f"{engine}: result page {url} is larger than {MAX_PAGE_BYTES} bytes")
+            return response
+        raise EngineProblem(f"{engine}: giving up on {url}: {last}")
+
+    def save_page(self, engine: str, page: bytes | None, job_id: int) -> Path | None:
+        if not page:
+            return None
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            path = self.log_dir / f"crawl-{job_id}-{engine}-{int(time.time())}.html"
+            path.write_bytes(page)
+            return path
+        except OSError as exc:
+            log.warning("could not save the engine page for a bug report: %s", exc)
+            return None
+
+    # -- downloads (worker threads) ------------------------------------------------------------------
+    def download(self, hit: Hit, engine: str, rank: int) -> _Outcome:
+        outcome = _Outcome(hit, engine, rank)
+        parts = urlsplit(hit.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            outcome.reason = "not an http(s) URL"
+            return outcome
+        with self.host_limits(parts.netloc):
+            data = self._fetch_body(hit.url, outcome)
+        if data is None or self.stop.is_set():
+            return outcome
+        try:
+            facts = analyze_bytes(data)
+        except NotAnImage as exc:
+            outcome.reason, outcome.rejected = str(exc), True
+            return outcome
+        minimum = self.options.min_size
+        if minimum and (facts.width < minimum[0] or facts.height < minimum[1]):
+            outcome.reason = f"too small ({facts.width}x{facts.height} < {minimum[0]}x{minimum[1]})"
+            outcome.rejected = True
+            return outcome
+        outcome.stored = self.store.put(facts.sha256, facts.ext, data)
+        source = SourceInfo(hit.url, engine, self.options.query, None, rank, hit.page_url,
+                            outcome.http_status, outcome.content_type, utcnow())
+        outcome.prepared = PreparedImage(facts, outcome.stored, self.options.label, source)
+        return outcome
+
+    def _fetch_body(self, url: str, outcome: _Outcome) -> bytes | None:
+        session = self._thread_session()
+        cap = self.options.max_bytes
+        for attempt in range(self.options.retries + 1):
+            if self.stop.is_set():
+                return None
+            try:
+                with session.get(url, stream=True, allow_redirects=True) as response:
+                    code = outcome.http_status = response.status_code
+                    if code in RETRY_HTTP and attempt < self.options.retries:
+                        if self.stop.wait(_retry_wait(response, attempt)):
+                            return None
+                        continue
+                    if code >= 400:
+                        outcome.reason, outcome.permanent = f"HTTP {code}", code in PERMANENT_HTTP
+                        return None
+                    ctype = outcome.content_type = response.headers.get("Content-Type", "")[:200] or None
+                    if ctype and ctype.lower().startswith(NOT_IMAGE_TYPES):
+                        outcome.reason, outcome.rejected = f"not an image (served {ctype.split(';')[0]})", True
+                        return None
+                    length = response.headers.get("Content-Length", "")
+                    if length.isdigit() and int(length) > cap:
+                        outcome.reason, outcome.rejected = f"larger than the byte cap ({cap} bytes)", True
+                        return None
+                    return self._read_capped(response, outcome)
+            except requests.TooManyRedirects:
+                outcome.reason = f"too many redirects (more than {self.options.max_redirects})"
+                return None
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                outcome.reason, outcome.permanent = _short_error(exc), False
+                if attempt < self.options.retries and isinstance(exc, requests.ConnectionError) \
+                        and not isinstance(exc, requests.Timeout):
+                    if self.stop.wait(_retry_wait(None, attempt)):
+                        return None
+                    continue
+                return None
+            except requests.RequestException as exc:
+                outcome.reason = _short_error(exc)
+                return None
+        return None
+
+    def _read_capped(self, response: requests.Response, outcome: _Outcome) -> bytes | None:
+        cap = self.options.max_bytes
+        deadline = time.monotonic() + 3 * self.options.timeout + self.options.connect_timeout
+        chunks, size = [], 0
+        for chunk in response.iter_content(64 * 1024):
+            size += len(chunk)
+            if size > cap:
+                outcome.reason, outcome.rejected = f"larger than the byte cap ({cap} bytes)", True
+                return None
+            if time.monotonic() > deadline or self.stop.is_set():
+                outcome.reason, outcome.permanent = "download too slow (over the time limit)", False
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- the main loop ----------------------------------------------------------------------------
+    def run(self, job: CrawlJob, report: CrawlReport) -> None:
+        opts = self.options
+        executor = cf.ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="fastclass-download")
+        in_flight: dict[cf.Future, str] = {}
+        try:
+            for name in opts.engines:
+                if report.new_images >= opts.max_new:
+                    break
+                stats = report.engines.setdefault(name, EngineStats())
+                self._run_engine(name, stats, report, job, executor, in_flight)
+            self._drain(in_flight, report, wait_all=True)
+            self._flush(report, force=True)
+        except BaseException:
+            self.stop.set()
+            executor.shutdown(wait=False, cancel_futures=True)
+            self._discard_in_flight(in_flight)
+            try:
+                self._flush(report, force=True)
+            except Exception:
+                log.debug("could not save the last batch", exc_info=True)
+                self.session.rollback()
+            raise
+        finally:
+            self.stop.set()
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def _run_engine(self, name: str, stats: EngineStats, report: CrawlReport, job: CrawlJob,
+                    executor: cf.ThreadPoolExecutor, in_flight: dict) -> None:
+        opts = self.options
+        engine = get_engine(name)
+        request = EngineRequest(opts.query, dict(opts.filters), list(opts.pages),
+                                Path(opts.urls_file) if opts.urls_file else None, self.page_session)
+        hits = engine.results(request, lambda url: self.fetch_page(name, url))
+        rank = 0
+        self.consecutive_failures = 0
+        try:
+            for chunk in _chunked(hits, max(16, opts.threads * 2)):
+                todo = self._filter_known(chunk, name, stats, report)
+                for hit in todo:
+                    rank += 1
+                    while len(in_flight) >= self._window(report):
+                        self._drain(in_flight, report)
+                        if self._engine_done(name, stats, report):
+                            return
+                    in_flight[executor.submit(self.download, hit, name, rank)] = name
+                self._drain(in_flight, report, block=False)
+                if self._engine_done(name, stats, report):
+                    return
+        except EngineProblem as problem:
+            saved = self.save_page(name, problem.page, job.id)
+            message = str(problem) + (f" (page saved to {saved})" if saved else "")
+            stats.problem = message
+            report.problems.append(message)
+            log.warning("%s", message)
+        # Let this engine's downloads finish and be recorded before the next engine starts, so its counts
+        # are its own and the next engine sees every URL this one fetched.
+        self._drain(in_flight, report, wait_all=True)
+        self._flush(report, force=True)
+
+    def _window(self, report: CrawlReport) -> int:
+        """Downloads to keep in flight: enough to overlap the network wait, but never more than the class
+        still has room for, so that downloads are not thrown away once --max is reached."""
+        room = self.options.max_new - report.new_images - len(self.pending)
+        return max(1, min(self.options.threads * 2, room))
+
+    def _engine_done(self, name: str, stats: EngineStats, report: CrawlReport) -> bool:
+        if report.new_images >= self.options.max_new:
+            return True
+        if self.consecutive_failures >= self.options.max_failures and stats.problem is None:
+            stats.problem = (f"{name}: stopped after {self.options.max_failures} downloads in a row failed "
+                             f"(last: {self.last_failure}); the image hosts may be blocking us")
+            report.problems.append(stats.problem)
+            log.warning("%s", stats.problem)
+        return stats.problem is not None
+
+    def _filter_known(self, hits: list[Hit], engine: str, stats: EngineStats, report: CrawlReport) -> list[Hit]:
+        """Hits not fetched before; a URL fetched for another label adds this label as a source, no download."""
+        stats.found += len(hits)
+        report.found += len(hits)
+        hashes = {url_hash(h.url): h for h in hits}
+        known = {row.url_hash: row for row in self.session.execute(
+            select(FetchedUrl.url_hash, FetchedUrl.outcome, FetchedUrl.sha256)
+            .where(FetchedUrl.url_hash.in_(list(hashes)))).all()}
+        todo = []
+        for digest, hit in hashes.items():
+            row = known.get(digest)
+            if row is None or row.outcome == "retry":
+                todo.append(hit)
+                continue
+            stats.skipped += 1
+            report.skipped += 1
+            if row.outcome == "ok" and row.sha256:
+                self._add_source_if_new(row.sha256, hit, engine, self.label_id, report, stats)
+        self.session.commit()
+        return todo
+
+    def _add_source_if_new(self, sha: str, hit: Hit, engine: str, label_id: int, report: CrawlReport,
+                           stats: EngineStats) -> None:
+        image_id = self.session.scalar(select(Image.id).where(Image.sha256 == sha))
+        if image_id is None:
+            return
+        exists = self.session.scalar(select(Source.id).where(
+            Source.image_id == image_id, Source.uri == hit.url, Source.label_id == label_id))
+        if exists is None:
+            self.session.execute(insert(Source.__table__).values(
+                image_id=image_id, label_id=label_id, uri=hit.url, engine=engine, query=self.options.query,
+                crawl_job_id=self.job_id, page_url=hit.page_url, fetched_at=utcnow()))
+            report.exact_duplicates += 1
+            stats.duplicates += 1
+
+    def _drain(self, in_flight: dict, report: CrawlReport, block: bool = True, wait_all: bool = False) -> None:
+        while in_flight:
+            done, _ = cf.wait(list(in_flight), timeout=None if block else 0, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                engine = in_flight.pop(future)
+                self._take(future.result(), engine, report)
+            self._flush(report)
+            if not wait_all:
+                return
+
+    def _take(self, outcome: _Outcome, engine: str, report: CrawlReport) -> None:
+        stats = report.engines[engine]
+        if report.new_images >= self.options.max_new:
+            # The class is full: drop what came back late, so that the next run fetches it instead.
+            if outcome.stored is not None:
+                self.store.discard([outcome.stored], is_recorded_in(self.session))
+            return
+        if outcome.prepared is not None:
+            stats.downloaded += 1
+            report.downloaded += 1
+            self.consecutive_failures = 0
+            self.pending.append(outcome)
+            return
+        if outcome.rejected:
+            stats.downloaded += 1
+            report.downloaded += 1
+            report.rejected[_reason_kind(outcome.reason)] += 1
+            self.consecutive_failures = 0
+        else:
+            stats.failed += 1
+            report.failed[_reason_kind(outcome.reason)] += 1
+            self.consecutive_failures += 1
+            self.last_failure = f"{outcome.reason} for {outcome.hit.url[:100]}"
+        self.failures.append(outcome)
+
+    def _flush(self, report: CrawlReport, force: bool = False) -> None:
+        room = self.options.max_new - report.new_images
+        due = len(self.pending) >= min(BATCH_SIZE, max(room, 1)) or time.monotonic() - self.last_flush > BATCH_SECONDS
+        if not (force or due) or not (self.pending or self.failures):
+            return
+        self.last_flush = time.monotonic()
+        batch, self.pending = self.pending[:max(room, 0)], self.pending[max(room, 0):]
+        failures, self.failures = self.failures, []
+        rows = list({row["url_hash"]: row for row in (
+            _fetched_row(o, "ok" if o.prepared else "retry" if not o.permanent else "rejected" if o.rejected
+                         else "failed", self.job_id) for o in batch + failures)}.values())
+        if rows:
+            self.session.execute(delete(FetchedUrl).where(FetchedUrl.url_hash.in_([r["url_hash"] for r in rows])))
+            self.session.execute(insert(FetchedUrl.__table__), rows)
+        shas = [o.prepared.facts.sha256 for o in batch]
+        known = set(self.session.scalars(select(Image.sha256).where(Image.sha256.in_(shas)))) if shas else set()
+        for outcome in batch:
+            outcome.prepared.source.crawl_job_id = self.job_id
+        result = commit_batch(self.session, self.store, [o.prepared for o in batch])
+        report.new_images += result.new_images
+        report.exact_duplicates += result.exact_duplicates
+        for outcome in batch:
+            sha = outcome.prepared.facts.sha256
+            stats = report.engines[outcome.engine]
+            if sha in known:
+                stats.duplicates += 1
+            else:
+                stats.new += 1
+                known.add(sha)
+        if self.pending and report.new_images >= self.options.max_new:
+            leftover, self.pending = self.pending, []
+            self.store.discard([o.stored for o in leftover], is_recorded_in(self.session))
+        if self.progress:
+            self.progress(min(report.new_images, self.options.max_new), self.options.max_new)
+
+    def _discard_in_flight(self, in_flight: dict) -> None:
+        leftovers = [f.result().stored for f in in_flight if f.done() and not f.cancelled()
+                     and f.exception() is None and f.result().stored is not None]
+        if leftovers:
+            self.store.discard(leftovers, is_recorded_in(self.session))
+
+
+def _fetched_row(outcome: _Outcome, state: str, job_id: int) -> dict:
+    return {"url_hash": url_hash(outcome.hit.url), "url": outcome.hit.url, "outcome": state,
+            "reason": outcome.reason, "http_status": outcome.http_status,
+            "sha256": outcome.prepared.facts.sha256 if outcome.prepared else None,
+            "crawl_job_id": job_id, "fetched_at": utcnow()}
+
+
+def _reason_kind(reason: str | None) -> str:
+    return (reason or "unknown").split(" (")[0]
+
+
+def _short_error(exc: Exception) -> str:
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.ConnectionError):
+        return "connection failed"
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}"
+
+
+def _chunked(items: Iterator[Hit], size: int) -> Iterator[list[Hit]]:
+    chunk: list[Hit] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def check_options(options: CrawlOptions) -> None:
+    """Refuse a crawl that cannot work before anything is written (unknown engine, missing key, bad flags)."""
+    if not options.engines:
+        raise FastclassError("no engine given")
+    if options.max_new < 1:
+        raise FastclassError("--max must be at least 1")
+    for name in options.engines:
+        engine = get_engine(name)
+        if engine.needs_query and not options.query.strip():
+            raise FastclassError(f"the {name} engine needs a search query")
+        engine.check(EngineRequest(options.query, dict(options.filters), list(options.pages),
+                                   Path(options.urls_file) if options.urls_file else None))
+
+
+def run_crawl(session: Session, store: ImageStore, options: CrawlOptions, log_dir: Path,
+              progress: Callable[[int, int], None] | None = None, resumed_from: int | None = None) -> CrawlReport:
+    """Crawl one class into the catalog; the job row records the run whatever happens."""
+    check_options(options)
+    label_id = label_ids(session, [options.label])[options.label]
+    params = json.loads(options.to_json())
+    params.update({"host": socket.gethostname(), "pid": os.getpid(), "resumed_from": resumed_from})
+    job = CrawlJob(query=options.query, label_id=label_id, engines=",".join(options.engines),
+                   params=json.dumps(params, sort_keys=True), status="running")
+    session.add(job)
+    session.commit()
+    report = CrawlReport(job.id, options.query, options.label)
+    crawler = Crawler(session, store, options, log_dir, progress)
+    crawler.job_id, crawler.label_id = job.id, label_id
+    started = time.monotonic()
+    try:
+        crawler.run(job, report)
+        report.status = "done" if report.new_images or not report.problems else "failed"
+    except KeyboardInterrupt:
+        report.status = "interrupted"
+        raise
+    except BaseException as exc:
+        report.status = "failed"
+        report.problems.append(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        report.seconds = time.monotonic() - started
+        _save_job(session, job.id, report)
+    return report
+
+
+def _save_job(session: Session, job_id: int, report: CrawlReport) -> None:
+    try:
+        session.rollback()
+        job = session.get(CrawlJob, job_id)
+        job.status = report.status
+        job.found, job.downloaded, job.new_images = report.found, report.downloaded, report.new_images
+        job.exact_duplicates = report.exact_duplicates
+        job.rejected = sum(report.rejected.values())
+        job.reject_reasons = json.dumps({**report.rejected, **{f"failed: {k}": v for k, v in report.failed.items()}},
+                                        sort_keys=True)
+        job.engine_stats = json.dumps({n: asdict(s) for n, s in report.engines.items()}, sort_keys=True)
+        job.last_error = report.problems[-1] if report.problems else None
+        job.finished_at = utcnow()
+        session.commit()
+    except Exception:
+        log.warning("could not record the end of crawl job %s", job_id, exc_info=True)
+
+
+def list_jobs(session: Session, limit: int | None = None) -> list[dict]:
+    names = dict(session.execute(select(Label.id, Label.name)).all())
+    query = select(CrawlJob).order_by(CrawlJob.id.desc())
+    if limit:
+        query = query.limit(limit)
+    rows = []
+    for job in session.scalars(query):
+        params = json.loads(job.params or "{}")
+        status = job.status
+        if status == "running" and not _alive(params):
+            status = "interrupted"
+        seconds = (job.finished_at - job.started_at).total_seconds() if job.finished_at else None
+        rows.append({"id": job.id, "query": job.query, "label": names.get(job.label_id), "engines": job.engines,
+                     "status": status, "found": job.found, "downloaded": job.downloaded, "new": job.new_images,
+                     "exact_duplicates": job.exact_duplicates, "rejected": job.rejected,
+                     "reasons": json.loads(job.reject_reasons or "{}"),
+                     "engine_stats": json.loads(job.engine_stats or "{}"), "max": params.get("max_new"),
+                     "started_at": job.started_at, "finished_at": job.finished_at, "seconds": seconds,
+                     "last_error": job.last_error})
+    return rows
+
+
+def _alive(params: dict) -> bool:
+    if params.get("host") != socket.gethostname() or not params.get("pid"):
+        return True
+    try:
+        os.kill(int(params["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def jobs_to_resume(session: Session) -> list[tuple[int, CrawlOptions]]:
+    """The latest run of each class whose last run did not finish, with the options it ran with."""
+    latest: dict[tuple[str, int], CrawlJob] = {}
+    for job in session.scalars(select(CrawlJob).order_by(CrawlJob.id)):
+        latest[(job.query, job.label_id)] = job
+    todo = []
+    for job in latest.values():
+        params = json.loads(job.params or "{}")
+        unfinished = job.status == "interrupted" or (job.status == "running" and not _alive(params))
+        if unfinished:
+            todo.append((job.id, CrawlOptions.from_json(job.params)))
+    return todo

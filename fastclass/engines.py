@@ -1,0 +1,331 @@
+"""Crawl engines, registered by name: which result pages to fetch and which image URLs they list.
+
+Result-page URLs come from icrawler's feeders and image URLs from icrawler's parsers, so engine markup
+knowledge stays in one maintained place; fastclass owns fetching (limits, retries, blocks) and
+downloading. Each engine's public address can be replaced (`--engine-url bing=http://127.0.0.1:8000`)
+by a mirror, a proxy or a test server: the fetch session rewrites the public base URL, which also
+reaches requests an icrawler parser makes itself (Flickr's size lookups).
+"""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import queue
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import quote_plus, urljoin, urlsplit
+
+import requests
+
+from fastclass.errors import FastclassError
+
+log = logging.getLogger(__name__)
+
+MAX_RESULTS = 1000
+MAX_GREEDY_PAGES = 200
+
+
+class EngineProblem(Exception):
+    """An engine cannot go on (blocked, failing, or its page format changed); the message says which."""
+
+    def __init__(self, message: str, page: bytes | None = None) -> None:
+        super().__init__(message)
+        self.page = page
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One image URL an engine listed, with the page that listed it when known."""
+
+    url: str
+    page_url: str | None = None
+
+
+FetchPage = Callable[[str], requests.Response]
+
+
+@dataclass
+class EngineRequest:
+    """What one engine is asked for in one crawl."""
+
+    query: str
+    filters: dict[str, str] = field(default_factory=dict)
+    pages: list[str] = field(default_factory=list)
+    urls_file: Path | None = None
+    session: requests.Session | None = None
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    summary: str
+    public_base: str | None
+    results: Callable[[EngineRequest, FetchPage], Iterator[Hit]]
+    check: Callable[[EngineRequest], None] = lambda request: None
+    needs_query: bool = True
+
+
+ENGINES: dict[str, Engine] = {}
+DEFAULT_ENGINES = ("bing", "baidu", "google")
+
+
+def register_engine(engine: Engine) -> Engine:
+    ENGINES[engine.name] = engine
+    return engine
+
+
+def get_engine(name: str) -> Engine:
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise FastclassError(f"unknown engine {name!r}; use one of: {', '.join(sorted(ENGINES))}") from None
+
+
+class RewritingSession(requests.Session):
+    """A requests session that sends public engine URLs to their configured replacements, with a timeout."""
+
+    def __init__(self, rewrites: dict[str, str], timeout: tuple[float, float], user_agent: str) -> None:
+        super().__init__()
+        self.rewrites = {public.rstrip("/"): local.rstrip("/") for public, local in rewrites.items()}
+        self.default_timeout = timeout
+        self.headers["User-Agent"] = user_agent
+
+    def rewrite(self, url: str) -> str:
+        for public, local in self.rewrites.items():
+            if url == public or url.startswith(public + "/") or url.startswith(public + "?"):
+                return local + url[len(public):]
+        return url
+
+    def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+        kwargs.setdefault("timeout", self.default_timeout)
+        return super().request(method, self.rewrite(url), *args, **kwargs)
+
+
+def _icrawler(component_cls, session: requests.Session):
+    """An icrawler feeder or parser used as a plain object (no threads): feeders fill `out_queue`."""
+    component = component_cls(thread_num=1, signal=None, session=session)
+    component.out_queue = queue.Queue()
+    return component
+
+
+def _drain(component) -> list[str]:
+    urls = []
+    while not component.out_queue.empty():
+        urls.append(component.out_queue.get())
+    return urls
+
+
+def _check_filters(feeder_cls, sep: str = "") -> Callable[[EngineRequest], None]:
+    def check(request: EngineRequest) -> None:
+        if not request.filters:
+            return
+        try:
+            feeder_cls.get_filter(None).apply(request.filters, sep=sep)
+        except (KeyError, TypeError, ValueError, AssertionError) as exc:
+            raise FastclassError(f"bad --filter for this engine: {str(exc).strip(chr(39))}") from None
+    return check
+
+
+def _paged(request: EngineRequest, fetch: FetchPage, page_urls: Iterator[str],
+           parse: Callable[[requests.Response], list[Hit]]) -> Iterator[Hit]:
+    """Fetch result pages in order; an empty first page means the markup changed, a later one the end."""
+    seen: set[str] = set()
+    for number, page_url in enumerate(page_urls, start=1):
+        response = fetch(page_url)
+        hits = [hit for hit in parse(response) if hit.url not in seen]
+        if not hits:
+            if number == 1:
+                raise EngineProblem(f"parser found no results on {response.url}; the engine's page format may "
+                                    "have changed", response.content)
+            return
+        for hit in hits:
+            seen.add(hit.url)
+            yield hit
+
+
+def _feeder_pages(request: EngineRequest, feeder_cls, step: int,
+                  feed: Callable[[object, int], None]) -> Iterator[str]:
+    """Result-page URLs one page at a time, from an icrawler feeder fed with each offset in turn."""
+    for offset in range(0, MAX_RESULTS, step):
+        feeder = _icrawler(feeder_cls, request.session)
+        feed(feeder, offset)
+        yield from _drain(feeder)
+
+
+def _bing_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
+    from icrawler.builtin.bing import BingFeeder, BingParser
+
+    # icrawler puts the keyword into Bing's (and Baidu's) URL unencoded: "g&l" would search for "g".
+    pages = _feeder_pages(request, BingFeeder, 20, lambda feeder, offset: feeder.feed(
+        quote_plus(request.query), offset, 20, request.filters or None))
+    parser = _icrawler(BingParser, request.session)
+
+    def parse(response: requests.Response) -> list[Hit]:
+        # icrawler's Bing parser keeps only URLs ending in .jpg; the same `m` attribute also names PNG/WebP
+        # images and the page each image is on, so both are read here and merged in page order.
+        jpgs = {item["file_url"] for item in parser.parse(response)}
+        hits, seen = [], set()
+        for m in re.findall(r'class="iusc"[^>]*?\sm="([^"]+)"|\sm="([^"]+)"[^>]*?class="iusc"',
+                            response.content.decode("utf-8", "ignore")):
+            try:
+                meta = json.loads(html.unescape(m[0] or m[1]))
+            except ValueError:
+                continue
+            url = meta.get("murl")
+            if isinstance(url, str) and url not in seen:
+                seen.add(url)
+                hits.append(Hit(url, meta.get("purl") if isinstance(meta.get("purl"), str) else None))
+        hits += [Hit(url) for url in sorted(jpgs - seen)]
+        return hits
+
+    return _paged(request, fetch, pages, parse)
+
+
+def _baidu_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
+    from icrawler.builtin.baidu import BaiduFeeder, BaiduParser
+
+    pages = _feeder_pages(request, BaiduFeeder, 30, lambda feeder, offset: feeder.feed(
+        quote_plus(request.query), offset, 30, request.filters or None))
+    parser = _icrawler(BaiduParser, request.session)
+    return _paged(request, fetch, pages, lambda r: [Hit(i["file_url"]) for i in parser.parse(r) or []])
+
+
+def _google_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
+    from icrawler.builtin.google import GoogleFeeder, GoogleParser
+
+    pages = _feeder_pages(request, GoogleFeeder, 100, lambda feeder, offset: feeder.feed(
+        request.query, offset, 100, filters=request.filters or None))
+    parser = _icrawler(GoogleParser, request.session)
+    return _paged(request, fetch, pages, lambda r: [Hit(i["file_url"]) for i in parser.parse(r) or []])
+
+
+FLICKR_KEY_ENV = "FLICKR_API_KEY"
+
+
+def _flickr_check(request: EngineRequest) -> None:
+    if not os.environ.get(FLICKR_KEY_ENV):
+        raise FastclassError(f"the flickr engine needs an API key: set {FLICKR_KEY_ENV} "
+                             "(get one at https://www.flickr.com/services/apps/create/)")
+
+
+def _flickr_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
+    from icrawler.builtin.flickr import FlickrFeeder, FlickrParser
+
+    key = os.environ[FLICKR_KEY_ENV]
+    feeder = _icrawler(FlickrFeeder, request.session)
+    feeder.signal = _NeverDone()
+    feeder.feed(key, MAX_RESULTS, text=request.query, per_page=100, **request.filters)
+    parser = _icrawler(FlickrParser, request.session)
+    sizes = ["original", "large 2048", "large 1600", "large", "medium 800", "medium"]
+
+    def parse(response: requests.Response) -> list[Hit]:
+        try:
+            return [Hit(i["file_url"]) for i in parser.parse(response, key, sizes) or []]
+        except (ValueError, KeyError) as exc:
+            raise EngineProblem(f"flickr answered {response.url} with something that is not its API's JSON "
+                                f"({exc})", response.content) from None
+
+    return _paged(request, fetch, iter(_drain(feeder)), parse)
+
+
+class _NeverDone(dict):
+    """The `signal` icrawler's Flickr feeder polls; fastclass stops by not asking for more pages."""
+
+    def get(self, key, default=None):
+        return False
+
+
+def _greedy_check(request: EngineRequest) -> None:
+    if not request.pages:
+        raise FastclassError("the greedy engine needs at least one --url PAGE")
+    for page in request.pages:
+        if urlsplit(page).scheme not in ("http", "https"):
+            raise FastclassError(f"--url {page!r} is not an http(s) URL")
+
+
+def _greedy_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
+    """Every image on the given pages and on the pages they link to on the same hosts (breadth first)."""
+    from icrawler.builtin.greedy import GreedyParser
+
+    parser = _icrawler(GreedyParser, request.session)
+    domains = sorted({urlsplit(page).netloc for page in request.pages})
+    todo, visited, seen = list(request.pages), set(), set()
+    while todo and len(visited) < MAX_GREEDY_PAGES:
+        page = todo.pop(0)
+        if page in visited:
+            continue
+        visited.add(page)
+        try:
+            response = fetch(page)
+        except EngineProblem as exc:
+            log.warning("greedy: skipping %s: %s", page, exc)
+            continue
+        found = []
+        for item in parser.parse(response, domains):
+            if isinstance(item, dict):
+                found.append(item["file_url"])
+            elif item not in visited:
+                todo.append(item)
+        # icrawler skips relative <img src>; resolve them against the page.
+        text = response.content.decode("utf-8", "ignore")
+        for src in re.findall(r"<img[^>]+src=[\"']([^\"']+)[\"']", text, re.I):
+            found.append(urljoin(response.url, html.unescape(src)))
+        for url in found:
+            if url not in seen and urlsplit(url).scheme in ("http", "https"):
+                seen.add(url)
+                yield Hit(url, page)
+
+
+def _urls_check(request: EngineRequest) -> None:
+    if request.urls_file is None:
+        raise FastclassError("the urls engine needs --urls FILE (one image URL per line)")
+    if not request.urls_file.is_file():
+        raise FastclassError(f"--urls file {request.urls_file} does not exist")
+
+
+def read_url_list(path: Path) -> tuple[list[tuple[int, str]], list[str]]:
+    """(line number, URL) of each usable line, and one message per bad line; blank lines and # comments skipped."""
+    good, bad = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        url = line.strip()
+        if not url or url.startswith("#"):
+            continue
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            bad.append(f"{path}:{number}: not an http(s) URL: {url[:80]!r}")
+            continue
+        good.append((number, url))
+    return good, bad
+
+
+def _urls_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
+    good, bad = read_url_list(request.urls_file)
+    for message in bad:
+        log.warning("%s", message)
+    for _, url in good:
+        yield Hit(url)
+
+
+def _register_builtin() -> None:
+    from icrawler.builtin.baidu import BaiduFeeder
+    from icrawler.builtin.bing import BingFeeder
+    from icrawler.builtin.google import GoogleFeeder
+
+    register_engine(Engine("bing", "Bing image search (no key)", "https://www.bing.com", _bing_results,
+                           _check_filters(BingFeeder)))
+    register_engine(Engine("baidu", "Baidu image search (no key)", "http://image.baidu.com", _baidu_results,
+                           _check_filters(BaiduFeeder, "&")))
+    register_engine(Engine("google", "Google image search (no key; its markup changes often)",
+                           "https://www.google.com", _google_results, _check_filters(GoogleFeeder, ",")))
+    register_engine(Engine("flickr", f"Flickr API (needs {FLICKR_KEY_ENV})", "https://api.flickr.com",
+                           _flickr_results, _flickr_check))
+    register_engine(Engine("greedy", "every image on --url pages and the pages they link to on the same hosts",
+                           None, _greedy_results, _greedy_check, needs_query=False))
+    register_engine(Engine("urls", "the image URLs listed in --urls FILE", None, _urls_results, _urls_check,
+                           needs_query=False))
+
+
+_register_builtin()

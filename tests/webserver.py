@@ -1,0 +1,196 @@
+"""A real HTTP server on 127.0.0.1 for crawl tests: engine result pages in each engine's real format,
+image bytes, and the misbehaving URLs the crawler must survive. Counts every request by path."""
+from __future__ import annotations
+
+import html
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+class EngineSite:
+    """Serves /images/async (Bing), /search/acjson (Baidu), /search (Google), /services/rest (Flickr),
+    /page/<name> (plain HTML for greedy), /img/<name> (registered bytes) and special failing paths."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.images: dict[str, tuple[bytes, str]] = {}
+        self.results: dict[str, list[str]] = {}
+        self.pages: dict[str, str] = {}
+        self.hits: Counter = Counter()
+        self.delay = delay
+        self.slow_seconds = 3.0
+        self.lock = threading.Lock()
+        self.broken_markup = False
+        self.engine_refusal: int | None = None
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                with site.lock:
+                    site.hits[parts.path] += 1
+                    count = site.hits[parts.path]
+                try:
+                    site.route(self, parts.path, parse_qs(parts.query), count)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def add_image(self, name: str, data: bytes, content_type: str = "image/jpeg") -> str:
+        self.images[name] = (data, content_type)
+        return self.url(f"/img/{name}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- responses ------------------------------------------------------------------------------
+    def route(self, h: BaseHTTPRequestHandler, path: str, query: dict, count: int) -> None:
+        if path == "/images/async" and self.engine_refusal:
+            h.send_response(self.engine_refusal)
+            h.send_header("Retry-After", "0")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return None
+        if path == "/images/async":
+            return self.send(h, 200, self.bing_page(query), "text/html; charset=utf-8")
+        if path == "/search/acjson":
+            return self.send(h, 200, self.baidu_json(query), "application/json")
+        if path == "/search":
+            return self.send(h, 200, self.google_page(query), "text/html; charset=utf-8")
+        if path == "/services/rest/":
+            return self.send(h, 200, self.flickr_json(query), "application/json")
+        if path.startswith("/page/"):
+            body = self.pages.get(path[len("/page/"):])
+            return self.send(h, 200 if body else 404, (body or "no such page").encode(), "text/html")
+        if path.startswith("/img/"):
+            if self.delay:
+                time.sleep(self.delay)
+            found = self.images.get(path[len("/img/"):])
+            if found is None:
+                return self.send(h, 404, b"<html>not found</html>", "text/html")
+            return self.send(h, 200, found[0], found[1])
+        if path == "/special/html.jpg":
+            return self.send(h, 200, b"<!DOCTYPE html><html><body>Access denied</body></html>", "image/jpeg")
+        if path == "/special/html-typed.jpg":
+            return self.send(h, 200, b"<html><body>error page</body></html>", "text/html")
+        if path == "/special/missing.jpg":
+            return self.send(h, 404, b"gone", "text/plain")
+        if path == "/special/slow.jpg":
+            time.sleep(self.slow_seconds)
+            return self.send(h, 200, b"late", "image/jpeg")
+        if path == "/special/huge.jpg":
+            # No Content-Length: the cap must hold while streaming.
+            h.send_response(200)
+            h.send_header("Content-Type", "image/jpeg")
+            h.end_headers()
+            chunk = b"\xff" * 65536
+            for _ in range(64):
+                h.wfile.write(chunk)
+            return None
+        if path == "/special/loop.jpg":
+            h.send_response(302)
+            h.send_header("Location", "/special/loop.jpg")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return None
+        if path.startswith("/special/busy/"):
+            if count == 1:
+                h.send_response(429)
+                h.send_header("Retry-After", "1")
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return None
+            data = self.images[path[len("/special/busy/"):]]
+            return self.send(h, 200, data[0], data[1])
+        return self.send(h, 404, b"unknown", "text/plain")
+
+    @staticmethod
+    def send(h: BaseHTTPRequestHandler, code: int, body: bytes, content_type: str) -> None:
+        h.send_response(code)
+        h.send_header("Content-Type", content_type)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def result_urls(self, query: str, offset: int, per_page: int) -> list[str]:
+        urls = self.results.get(query, self.results.get("*", []))
+        return urls[offset:offset + per_page]
+
+    def bing_page(self, query: dict) -> bytes:
+        """Bing's /images/async answer: one div.imgpt per result, the metadata JSON in the `m` attribute."""
+        offset = int(query.get("first", ["0"])[0])
+        urls = self.result_urls(query.get("q", [""])[0], offset, 20)
+        if self.broken_markup:
+            return b"<html><body><div class='newlayout'>" + b"".join(
+                f"<figure data-src='{u}'></figure>".encode() for u in urls) + b"</div></body></html>"
+        items = []
+        for n, url in enumerate(urls):
+            meta = {"sid": "", "cid": f"c{offset + n}", "purl": self.url(f"/page/source{offset + n}"),
+                    "murl": url, "turl": f"https://tse1.mm.bing.net/th?id=OIP.{offset + n}", "md5": "0" * 32,
+                    "shkey": "", "t": f"result {offset + n}", "mid": "", "desc": ""}
+            items.append(
+                f'<div class="imgpt"><a class="iusc" style="height:160px;width:240px" '
+                f'm="{html.escape(json.dumps(meta))}" mad="{{}}" href="/images/search?view=detailV2&amp;id={n}">'
+                f'<div class="img_cont hoff"><img class="mimg" height="160" width="240" '
+                f'src="https://tse1.mm.bing.net/th?id=OIP.{n}" alt="result"/></div></a>'
+                f'<div class="img_info hon"><span class="nowrap">640 x 480 · jpeg</span></div></div>')
+        return ('<!DOCTYPE html><html><body><ul class="dgControl_list">'
+                + "".join(f'<li data-idx="{i}">{item}</li>' for i, item in enumerate(items))
+                + "</ul></body></html>").encode()
+
+    def baidu_json(self, query: dict) -> bytes:
+        """Baidu's acjson answer; hoverURL carries the image (objURL is Baidu's obfuscated copy)."""
+        offset = int(query.get("pn", ["0"])[0])
+        urls = self.result_urls(query.get("word", [""])[0], offset, 30)
+        data = [{"thumbURL": u + "?thumb", "hoverURL": u, "width": 640, "height": 480, "type": "jpg",
+                 "fromPageTitle": "result"} for u in urls]
+        return json.dumps({"queryEnc": "q", "listNum": len(data), "displayNum": len(data), "bdIsClustered": "1",
+                           "data": data + [{}]}).encode()
+
+    def google_page(self, query: dict) -> bytes:
+        """Google's image results page: the result list lives in an AF_initDataCallback script."""
+        offset = int(query.get("start", ["0"])[0])
+        urls = self.result_urls(query.get("q", [""])[0], offset, 100)
+        data = [[1, [0, f"id{n}", [f"https://encrypted-tbn0.gstatic.com/images?q=tbn{n}", 160, 240],
+                     [u, 480, 640]]] for n, u in enumerate(urls)]
+        script = f"AF_initDataCallback({{key: 'ds:1', hash: '2', data:{json.dumps(data)}, sideChannel: {{}}}});"
+        return (f"<!doctype html><html><head><script nonce=\"x\">{script}</script></head>"
+                f"<body><div id=\"islrg\"></div></body></html>").encode()
+
+    def flickr_json(self, query: dict) -> bytes:
+        method = query.get("method", [""])[0]
+        if method == "flickr.photos.search":
+            per_page = int(query.get("per_page", ["100"])[0])
+            page = int(query.get("page", ["1"])[0])
+            urls = self.result_urls(query.get("text", [""])[0], (page - 1) * per_page, per_page)
+            photos = [{"id": str((page - 1) * per_page + n), "owner": "o", "secret": "s", "server": "1",
+                       "farm": 1, "title": "t", "ispublic": 1} for n in range(len(urls))]
+            return json.dumps({"photos": {"page": page, "pages": 1, "perpage": per_page, "total": len(photos),
+                                          "photo": photos}, "stat": "ok"}).encode()
+        if method == "flickr.photos.getSizes":
+            urls = self.results.get("*", [])
+            index = int(query.get("photo_id", ["0"])[0])
+            if index >= len(urls):
+                return json.dumps({"stat": "fail", "code": 1, "message": "Photo not found"}).encode()
+            return json.dumps({"sizes": {"canblog": 0, "size": [
+                {"label": "Thumbnail", "width": 100, "height": 75, "source": urls[index] + "?t"},
+                {"label": "Large", "width": 1024, "height": 768, "source": urls[index]}]}, "stat": "ok"}).encode()
+        return json.dumps({"stat": "fail", "code": 112, "message": "Method not found"}).encode()
