@@ -568,7 +568,8 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
 
 
 def _echo_crawl(report, max_new: int) -> None:
-    click.echo(f"Crawl job {report.job_id} {report.status}: {report.label!s} ({report.query!r}): "
+    query = f" ({report.query!r})" if report.query else ""
+    click.echo(f"Crawl job {report.job_id} {report.status}: {report.label}{query}: "
                f"{report.new_images} new of --max {max_new}, {report.exact_duplicates} already known, "
                f"{sum(report.rejected.values())} rejected, {sum(report.failed.values())} failed, "
                f"{report.skipped} skipped as fetched before; {report.seconds:.1f} s")

@@ -1,13 +1,18 @@
 """`make demo`: the pipeline, offline, on the generated sample set, in ./demo/ (a fresh catalog each run)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
-from fastclass.sample import ATTRIBUTION, write_sample_folder
+from fastclass.sample import ATTRIBUTION, write_sample_folder, write_sample_site
 
 
 def fastclass(*args: str, catalog: Path) -> None:
@@ -16,15 +21,38 @@ def fastclass(*args: str, catalog: Path) -> None:
     subprocess.run([sys.executable, "-m", "fastclass", *command[1:]], check=True)
 
 
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(root: Path) -> Iterator[str]:
+    """Serve a folder over HTTP on 127.0.0.1 (a free port) for the block; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def run_demo(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
     sample = root / "sample"
     planted = write_sample_folder(sample)
     print(f"Sample set in {sample}: {planted['images']} photos in 2 classes, plus {planted['exact_copies']} exact "
           f"copies, {planted['near_copies']} near copies and {planted['junk']} junk files.\n{ATTRIBUTION}")
+    pages = write_sample_site(root, sample)
     catalog = root / "fastclass.db"
     fastclass("init", catalog=catalog)
-    fastclass("import", str(sample), catalog=catalog)
+    with serve_folder(root) as base:
+        print(f"\nThe sample set is also a small web site at {base}/ ({', '.join(pages)}).")
+        for page in pages:
+            fastclass("crawl", "--url", f"{base}/{page}", "--label", page.removesuffix(".html"), catalog=catalog)
+        fastclass("jobs", catalog=catalog)
     fastclass("import", str(sample), catalog=catalog)
     fastclass("verify", catalog=catalog)
     fastclass("dedup", "--flip", catalog=catalog)

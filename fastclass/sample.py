@@ -82,3 +82,17 @@ def write_web_jpegs(out: Path, count: int, size: tuple[int, int] = (640, 480), s
         path.write_bytes(jpeg_bytes(random_crop(photos[i % 2], size, rng), quality=rng.randint(80, 92)))
         paths.append(path)
     return paths
+
+
+def write_sample_site(root: Path, sample: Path) -> list[str]:
+    """One HTML page per class under root/ that shows every file of sample/<class>/ (junk included), as
+    a small web site for the greedy crawl engine; returns the page names."""
+    pages = []
+    for folder in sorted(p for p in sample.iterdir() if p.is_dir()):
+        images = "\n".join(f'<img src="{f.relative_to(root).as_posix()}" alt="{f.stem}">'
+                            for f in sorted(folder.iterdir()))
+        page = root / f"{folder.name}.html"
+        page.write_text(f"<!doctype html><html><head><title>{folder.name}</title></head><body>\n"
+                        f"<h1>{folder.name}</h1>\n{images}\n</body></html>\n")
+        pages.append(page.name)
+    return pages
