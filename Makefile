@@ -28,6 +28,7 @@ bench: venv
 	$(PY) bench/verify.py
 	$(PY) bench/dedup.py
 	$(PY) bench/split.py
+	$(PY) bench/crawl.py
 
 clean:
 	rm -rf demo bench/out .pytest_cache

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -15,12 +14,17 @@ class HashInput:
 
     def __init__(self, gray: Image.Image) -> None:
         self.gray = gray
+        self._dct32: np.ndarray | None = None
 
-    @cached_property
+    @property
     def dct32(self) -> np.ndarray:
         """2-D DCT-II of the 32x32 Lanczos-resized image, as imagehash's phash computes it."""
-        pixels = np.asarray(self.gray.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
-        return dct(dct(pixels, axis=0), axis=1)
+        # Memoized by hand: functools.cached_property holds one lock per class on Python < 3.12, which
+        # serialized every crawl download thread on this computation.
+        if self._dct32 is None:
+            pixels = np.asarray(self.gray.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+            self._dct32 = dct(dct(pixels, axis=0), axis=1)
+        return self._dct32
 
 
 HashFunction = Callable[[HashInput], int]

@@ -21,12 +21,17 @@ def _worker_init() -> None:
             pass
 
 
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers ignore Ctrl-C and die with their parent."""
+    return ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
+
+
 def map_in_workers(fn: Callable[[T], R], tasks: Sequence[T], workers: int, chunksize: int = 8) -> Iterator[R]:
     """fn over tasks, in order; in a process pool when it pays (several workers, more than a handful of tasks)."""
     if workers <= 1 or len(tasks) < 8:
         yield from map(fn, tasks)
         return
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
+    pool = worker_pool(workers)
     try:
         yield from pool.map(fn, tasks, chunksize=chunksize)
     finally:

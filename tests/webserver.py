@@ -28,6 +28,8 @@ class EngineSite:
         site = self
 
         class Handler(BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True
+
             def log_message(self, *args) -> None:
                 pass
 
