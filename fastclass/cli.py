@@ -94,18 +94,20 @@ def cli(ctx: click.Context, catalog: str | None, verbose: bool, quiet: bool) -> 
 pass_options = click.make_pass_decorator(Options)
 
 
-def progress_reporter(opts: Options, label: str) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
-    """A progress callback that draws a bar on a terminal (none with -q or when stderr is not a TTY)."""
+def progress_reporter(opts: Options, label: str) -> tuple[Callable[..., None] | None, Callable[[], None]]:
+    """A progress callback update(done, total[, detail]) that draws a bar on a terminal, with the detail
+    text after it (none with -q or when stderr is not a TTY)."""
     if opts.quiet or not sys.stderr.isatty():
         return None, lambda: None
     state: dict = {}
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, detail: str | None = None) -> None:
         bar = state.get("bar")
         if bar is None:
-            bar = state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
+            bar = state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr,
+                                                   item_show_func=lambda item: item)
             bar.__enter__()
-        bar.update(done - bar.pos)
+        bar.update(done - bar.pos, detail)
 
     def finish() -> None:
         bar = state.pop("bar", None)

@@ -283,7 +283,7 @@ class Crawler:
     """One class's crawl: engines in order, downloads in a thread pool, catalog writes in this thread."""
 
     def __init__(self, session: Session, store: ImageStore, options: CrawlOptions, log_dir: Path,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int, str], None] | None = None) -> None:
         self.session = session
         self.store = store
         self.options = options
@@ -637,7 +637,9 @@ class Crawler:
             leftover, self.pending = self.pending, []
             self.store.discard([o.stored for o in leftover], is_recorded_in(self.session))
         if self.progress:
-            self.progress(min(report.new_images, self.options.max_new), self.options.max_new)
+            detail = "  ".join(f"{name}: found {st.found} fetched {st.downloaded} new {st.new}"
+                               for name, st in report.engines.items())
+            self.progress(min(report.new_images, self.options.max_new), self.options.max_new, detail)
 
     def _discard_in_flight(self, in_flight: dict) -> None:
         leftovers = [f.result().stored for f in in_flight if f.done() and not f.cancelled()
@@ -692,7 +694,7 @@ def check_options(options: CrawlOptions) -> None:
 
 
 def run_crawl(session: Session, store: ImageStore, options: CrawlOptions, log_dir: Path,
-              progress: Callable[[int, int], None] | None = None, resumed_from: int | None = None) -> CrawlReport:
+              progress: Callable[[int, int, str], None] | None = None, resumed_from: int | None = None) -> CrawlReport:
     """Crawl one class into the catalog; the job row records the run whatever happens."""
     check_options(options)
     label_id = label_ids(session, [options.label])[options.label]

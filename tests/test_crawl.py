@@ -234,3 +234,19 @@ def test_usage_errors(sqlite_catalog, site):
     assert run_cli(["crawl", "x", "--engine-url", "bing=ftp://x"], sqlite_catalog).stderr == \
         "Error: --engine-url 'bing=ftp://x' is not ENGINE=http(s)://HOST[:PORT]\n"
     assert sqlite_rows(sqlite_catalog, "SELECT count(*) FROM crawl_jobs") == [(0,)], "refused before any job row"
+
+
+def test_crawl_and_resume_on_each_backend(catalog, site):
+    """The crawl's SQL (resume log, sources, job rows) on SQLite and on PostgreSQL."""
+    site.results["*"] = jpegs(site, range(15)) + [site.url("/special/missing.jpg")]
+    location = catalog.location
+    first = json.loads(crawl(location, site, "owl", "--max", "10").stdout)
+    second = json.loads(crawl(location, site, "owl", "--max", "10").stdout)
+    other = json.loads(crawl(location, site, "bird", engine="baidu").stdout)
+    assert (first["new_images"], second["new_images"], second["skipped_known"]) == (10, 5, 10)
+    assert second["failed"] == {"HTTP 404": 1}
+    assert (other["new_images"], other["exact_duplicates"]) == (0, 15)
+    assert all(n == 1 for p, n in site.hits.items() if p.startswith(("/img/", "/special/")))
+    jobs = json.loads(run_cli(["jobs", "--json"], location).stdout)
+    assert [(j["label"], j["status"], j["new"]) for j in jobs] == [("bird", "done", 0), ("owl", "done", 5),
+                                                                   ("owl", "done", 10)]
