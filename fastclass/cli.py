@@ -240,9 +240,7 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
     for reason, count in result.rejected.most_common():
         click.echo(f"  {count:6d}  {reason}")
     if result.pruned is not None:
-        click.echo(f"Pruned: removed {result.pruned.removed} file(s) of rejected images from the store.")
-        for snap, count in sorted(result.pruned.held.items()):
-            click.echo(f"  kept {count} file(s) that snapshot {snap} holds")
+        _echo_prune(result.pruned)
 
 
 @cli.command()
@@ -605,6 +603,144 @@ def jobs(opts: Options, limit: int | None, as_json: bool) -> None:
                    f"{row['max'] or '?'}  found {row['found']:5d}  dupes {row['exact_duplicates']:4d}  "
                    f"rejected {row['rejected']:4d}  [{row['engines']}] {row['started_at']:%Y-%m-%d %H:%M}"
                    + (f"\n      last error: {row['last_error']}" if row['last_error'] else ""))
+
+
+@cli.command()
+@click.option("--label", metavar="NAME", help="Only images of this label.")
+@click.option("--status", type=click.Choice(["ok", "pending", "duplicate", "conflict", "rejected", "deleted"]),
+              default="ok", show_default=True, help="Which images: by status, or the members of label conflicts.")
+@click.option("--order", type=click.Choice(["label", "random", "newest", "loss"]), default="label",
+              show_default=True, help="Review order (loss: highest training loss first, needs --run).")
+@click.option("--run", metavar="RUN", help="A training run whose predictions and losses to show.")
+@click.option("--apply", "apply_file", type=click.Path(path_type=Path), metavar="FILE.csv",
+              help="No prompt: apply the decisions in FILE.csv (image,action,label).")
+@click.option("--json", "as_json", is_flag=True, help="With --apply: print the result as JSON.")
+@pass_options
+def clean(opts: Options, label: str | None, status: str, order: str, run: str | None, apply_file: Path | None,
+          as_json: bool) -> None:
+    """Review images one key at a time: keep, delete, relabel; every decision is saved at once."""
+    from fastclass.review import apply_csv, review_queue, reviewer_name
+
+    if apply_file is not None:
+        with opts.session() as (_, session):
+            result = apply_csv(session, apply_file)
+        if as_json:
+            echo_json(result.as_dict())
+        else:
+            click.echo(f"Applied {result.applied} decision(s) from {apply_file}.")
+        for message in result.errors:
+            click.echo(f"Warning: {message}", err=True)
+        if result.errors:
+            raise click.ClickException(f"{len(result.errors)} bad row(s) in {apply_file} were left out (listed above)")
+        return
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise click.ClickException("clean needs a terminal; in scripts use `fastclass clean --apply decisions.csv`, "
+                                   "`fastclass label set` or `fastclass delete`")
+    from fastclass.prompt import CleanPrompt, terminal_keys
+    from fastclass.stats import list_labels
+
+    with opts.session() as (catalog, session):
+        queue = review_queue(session, label, status, order, run)
+        if not queue:
+            click.echo(f"No images with status {status}" + (f" in label {label}" if label else "") + " to review.")
+            return
+        labels = [row["name"] for row in list_labels(session)]
+        with terminal_keys() as read_key:
+            stats = CleanPrompt(session, catalog.store, queue, labels, reviewer_name(), read_key).run()
+    counts = stats.counts
+    click.echo(f"Saved: {counts['keep']} kept, {counts['delete']} deleted, {counts['relabel']} relabelled, "
+               f"{counts['undo']} undone this session.")
+
+
+@cli.command()
+@click.option("--image", "image_ref", metavar="ID|SHA", help="Only the reviews of this image.")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the reviews as JSON.")
+@pass_options
+def reviews(opts: Options, image_ref: str | None, limit: int, as_json: bool) -> None:
+    """Review decisions, newest first (the history is never rewritten)."""
+    from fastclass.review import find_image, list_reviews
+
+    with opts.session() as (_, session):
+        image_id = find_image(session, image_ref).id if image_ref else None
+        rows = list_reviews(session, limit, image_id)
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        change = (f"label {r['old_label']} -> {r['new_label']}" if r["old_label"] != r["new_label"]
+                  else f"status {r['old_status']} -> {r['new_status']}")
+        undoes = f" (undoes {r['undoes']})" if r["undoes"] else ""
+        click.echo(f"{r['id']:6d} {r['created_at']:%Y-%m-%d %H:%M:%S} {r['reviewer'][:12]:12s} image {r['image']:<7d} "
+                   f"{r['action']:8s} {change}{undoes}")
+
+
+@cli.command("undo")
+@click.argument("review_id", type=int)
+@pass_options
+def undo_(opts: Options, review_id: int) -> None:
+    """Undo one review decision (recorded as a new review; nothing is erased)."""
+    from fastclass.review import undo
+
+    with opts.session() as (_, session):
+        decision = undo(session, review_id)
+    click.echo(f"Undid review {review_id}: image {decision.image_id} is {decision.new_status}, "
+               f"label {decision.new_label} again (review {decision.review_id}).")
+
+
+@cli.group()
+def label() -> None:
+    """Change labels without the prompt."""
+
+
+@label.command("set")
+@click.argument("name")
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@pass_options
+def label_set(opts: Options, name: str, images: tuple[str, ...]) -> None:
+    """Relabel images (ids or sha256) to NAME; all or none."""
+    from fastclass.review import decide, find_image
+
+    with opts.session() as (_, session):
+        ids = [find_image(session, ref).id for ref in images]
+        for image_id in ids:
+            decide(session, image_id, "relabel", name, commit=False)
+    click.echo(f"Relabelled {len(ids)} image(s) to {name}.")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@pass_options
+def delete(opts: Options, images: tuple[str, ...]) -> None:
+    """Mark images (ids or sha256) deleted; their files go with the next `fastclass prune`."""
+    from fastclass.review import decide, find_image
+
+    with opts.session() as (_, session):
+        ids = [find_image(session, ref).id for ref in images]
+        for image_id in ids:
+            decide(session, image_id, "delete", commit=False)
+    click.echo(f"Deleted {len(ids)} image(s) (undo with `fastclass undo`; files stay until `fastclass prune`).")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_options
+def prune(opts: Options, as_json: bool) -> None:
+    """Remove the files of deleted and rejected images from the store (not those a snapshot holds)."""
+    from fastclass.verify import prune_rejected
+
+    with opts.session() as (catalog, session):
+        result = prune_rejected(session, catalog.store)
+    if as_json:
+        echo_json(result.as_dict())
+        return
+    _echo_prune(result)
+
+
+def _echo_prune(result) -> None:
+    click.echo(f"Pruned: removed {result.removed} file(s) of deleted or rejected images from the store.")
+    for snap, count in sorted(result.held.items()):
+        click.echo(f"  kept {count} file(s) that snapshot {snap} holds")
 
 
 def main() -> None:

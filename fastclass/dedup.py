@@ -18,8 +18,9 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from db.models import DuplicateGroup, Image, ImageHash, Label, utcnow
-from fastclass.errors import FastclassError, NotFoundError
+from fastclass.errors import FastclassError
 from fastclass.hashes import HASH_KINDS
+from fastclass.labels import existing_label_id
 
 CHUNKS = 4
 CHUNK_BITS = 64 // CHUNKS
@@ -98,9 +99,7 @@ def find_near_duplicates(session: Session, threshold: int = 10, hash_kind: str =
              .join(ImageHash, (ImageHash.image_id == Image.id) & (ImageHash.kind == hash_kind))
              .where(Image.status.in_(ELIGIBLE)).order_by(Image.id))
     if label is not None:
-        label_id = session.scalar(select(Label.id).where(Label.name == label))
-        if label_id is None:
-            raise NotFoundError(f"no label {label!r} in the catalog (see `fastclass labels`)")
+        label_id = existing_label_id(session, label)
         query = query.where(Image.label_id == label_id)
     rows = session.execute(query).all()
     result = DedupResult(images=len(rows))

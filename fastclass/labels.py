@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Label
-from fastclass.errors import FastclassError
+from fastclass.errors import FastclassError, NotFoundError
 
 MAX_LABEL_LENGTH = 100
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]")
@@ -42,3 +42,11 @@ def label_ids(session: Session, names: Iterable[str]) -> dict[str, int]:
         session.flush()
         found[name] = label.id
     return found
+
+
+def existing_label_id(session: Session, name: str) -> int:
+    """The id of a label that must exist (a --label filter); the error says where to look."""
+    label_id = session.scalar(select(Label.id).where(Label.name == name))
+    if label_id is None:
+        raise NotFoundError(f"no label {name!r} in the catalog (see `fastclass labels`)")
+    return label_id

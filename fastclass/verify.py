@@ -13,8 +13,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
-from db.models import Label, utcnow
-from fastclass.errors import FastclassError, NotFoundError
+from db.models import utcnow
+from fastclass.errors import FastclassError
+from fastclass.labels import existing_label_id
 from fastclass.store import ImageStore
 from fastclass.workers import map_in_workers
 
@@ -135,9 +136,7 @@ def verify_images(session: Session, store: ImageStore, rules: VerifyRules = Veri
     query = select(ImageRow.id, ImageRow.store_path)
     query = query.where(ImageRow.status.in_(["pending", "ok", "rejected"]) if recheck else ImageRow.status == "pending")
     if label is not None:
-        label_id = session.scalar(select(Label.id).where(Label.name == label))
-        if label_id is None:
-            raise NotFoundError(f"no label {label!r} in the catalog (see `fastclass labels`)")
+        label_id = existing_label_id(session, label)
         query = query.where(ImageRow.label_id == label_id)
     rows = session.execute(query.order_by(ImageRow.id)).all()
     tasks = [(image_id, str(store.path(rel)), rules) for image_id, rel in rows]

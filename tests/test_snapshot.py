@@ -229,7 +229,7 @@ def test_prune_keeps_files_a_snapshot_holds(sqlite_catalog, tmp_path):
     result = run_cli(["verify", "--recheck", "--min-size", "50x50", "--prune"], sqlite_catalog)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines()[-2:] == [
-        "Pruned: removed 0 file(s) of rejected images from the store.",
+        "Pruned: removed 0 file(s) of deleted or rejected images from the store.",
         "  kept 2 file(s) that snapshot v1 holds",
     ]
     assert all(store.exists(rel) for _, rel in small)

@@ -114,7 +114,7 @@ def test_prune_removes_only_rejected_files_and_every_row_keeps_its_file(sqlite_c
     run_cli(["import", str(cases(tmp_path / "in"))], sqlite_catalog)
     result = run_cli(["verify", "--prune"], sqlite_catalog)
     assert result.exit_code == 0
-    assert result.stdout.splitlines()[-1] == "Pruned: removed 6 file(s) of rejected images from the store."
+    assert result.stdout.splitlines()[-1] == "Pruned: removed 6 file(s) of deleted or rejected images from the store."
     store = tmp_path / "images"
     rows = sqlite_rows(sqlite_catalog, "SELECT status, reason, store_path FROM images")
     for status, reason, rel in rows:

@@ -1,0 +1,291 @@
+"""Review decisions (keep, delete, relabel, undo): each one committed at once as a history row.
+
+The `clean` prompt, `label set`, `delete` and `clean --apply` all decide through `decide`, which
+changes the image and adds its review row in one transaction; nothing here ever edits or removes a
+review row, so the history is complete and every decision can be undone.
+"""
+from __future__ import annotations
+
+import csv
+import getpass
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db.models import DuplicateGroup, Image, Label, Review, Source, utcnow
+from fastclass.errors import FastclassError, NotFoundError
+from fastclass.labels import existing_label_id, label_ids, normalize_label
+
+ACTIONS = ("keep", "delete", "relabel")
+STATUS_FILTERS = ("ok", "pending", "duplicate", "conflict", "rejected", "deleted")
+ORDERS = ("label", "random", "newest", "loss")
+ENV_REVIEWER = "FASTCLASS_REVIEWER"
+
+
+def reviewer_name() -> str:
+    """Who decides: FASTCLASS_REVIEWER, else the login name."""
+    name = os.environ.get(ENV_REVIEWER)
+    if name:
+        return name[:100]
+    try:
+        return getpass.getuser()[:100]
+    except (KeyError, OSError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Decision:
+    review_id: int
+    image_id: int
+    action: str
+    old_status: str
+    new_status: str
+    old_label: str | None
+    new_label: str | None
+
+
+def find_image(session: Session, ref: str) -> Image:
+    """An image by id, full sha256, or a unique sha256 prefix of at least 6 hex digits."""
+    ref = ref.strip()
+    if ref.isdigit():
+        image = session.get(Image, int(ref))
+        if image is None:
+            raise NotFoundError(f"no image with id {ref} in the catalog")
+        return image
+    if len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref.lower()):
+        matches = session.scalars(select(Image).where(Image.sha256.like(ref.lower() + "%")).limit(2)).all()
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise FastclassError(f"sha256 prefix {ref!r} matches several images; give more digits")
+    raise NotFoundError(f"no image {ref!r} in the catalog (give an image id or its sha256)")
+
+
+def _label_name(session: Session, label_id: int | None) -> str | None:
+    return session.scalar(select(Label.name).where(Label.id == label_id)) if label_id is not None else None
+
+
+def decide(session: Session, image_id: int, action: str, label: str | None = None,
+           reviewer: str | None = None, commit: bool = True) -> Decision:
+    """Apply one decision to one image and record it; commits unless told not to (a batch commits once).
+
+    keep: the image stays, and a duplicate or deleted one becomes ok again; delete: status deleted (the
+    file stays until `fastclass prune`); relabel: the current label becomes `label`.
+    """
+    if action not in ACTIONS:
+        raise FastclassError(f"unknown action {action!r}; use one of: {', '.join(ACTIONS)}")
+    image = session.get(Image, image_id)
+    if image is None:
+        raise NotFoundError(f"no image with id {image_id} in the catalog")
+    old_status, old_label_id = image.status, image.label_id
+    new_status, new_label_id = old_status, old_label_id
+    if action == "keep":
+        if old_status in ("duplicate", "deleted"):
+            new_status = "ok"
+        elif old_status == "rejected":
+            raise FastclassError(f"image {image_id} was rejected by verify ({image.reason}); it cannot be kept")
+    elif action == "delete":
+        new_status = "deleted"
+    else:
+        if not label:
+            raise FastclassError("relabel needs a label")
+        name = normalize_label(label)
+        new_label_id = label_ids(session, [name])[name]
+    values = {"status": new_status, "label_id": new_label_id, "updated_at": utcnow()}
+    if action == "delete":
+        values["reason"] = "deleted by review"
+    elif new_status == "ok" and old_status != "ok":
+        values["reason"] = None
+    session.execute(update(Image).where(Image.id == image_id).values(**values))
+    review = Review(image_id=image_id, action=action, old_status=old_status, new_status=new_status,
+                    old_label_id=old_label_id, new_label_id=new_label_id, reviewer=reviewer or reviewer_name())
+    session.add(review)
+    session.flush()
+    decision = Decision(review.id, image_id, action, old_status, new_status, _label_name(session, old_label_id),
+                        _label_name(session, new_label_id))
+    if commit:
+        session.commit()
+    return decision
+
+
+def undo(session: Session, review_id: int, reviewer: str | None = None) -> Decision:
+    """Put an image back as it was before a review, recorded as an `undo` review of that one."""
+    review = session.get(Review, review_id)
+    if review is None:
+        raise NotFoundError(f"no review {review_id} (see `fastclass reviews`)")
+    if session.scalar(select(Review.id).where(Review.undoes_id == review_id)) is not None:
+        raise FastclassError(f"review {review_id} was already undone")
+    image = session.get(Image, review.image_id)
+    if (image.status, image.label_id) != (review.new_status, review.new_label_id):
+        later = session.scalar(select(func.max(Review.id)).where(Review.image_id == image.id))
+        raise FastclassError(f"image {image.id} changed after review {review_id}; undo review {later} first")
+    values = {"status": review.old_status, "label_id": review.old_label_id, "updated_at": utcnow()}
+    if review.action == "delete":
+        values["reason"] = None
+    session.execute(update(Image).where(Image.id == image.id).values(**values))
+    row = Review(image_id=image.id, action="undo", old_status=review.new_status, new_status=review.old_status,
+                 old_label_id=review.new_label_id, new_label_id=review.old_label_id,
+                 reviewer=reviewer or reviewer_name(), undoes_id=review_id)
+    session.add(row)
+    session.commit()
+    return Decision(row.id, image.id, "undo", review.new_status, review.old_status,
+                    _label_name(session, review.new_label_id), _label_name(session, review.old_label_id))
+
+
+def list_reviews(session: Session, limit: int | None = None, image_id: int | None = None) -> list[dict]:
+    names = dict(session.execute(select(Label.id, Label.name)).all())
+    query = select(Review, Image.sha256).join(Image, Image.id == Review.image_id).order_by(Review.id.desc())
+    if image_id is not None:
+        query = query.where(Review.image_id == image_id)
+    if limit:
+        query = query.limit(limit)
+    return [{"id": r.id, "image": r.image_id, "sha256": sha, "action": r.action, "old_status": r.old_status,
+             "new_status": r.new_status, "old_label": names.get(r.old_label_id), "new_label": names.get(r.new_label_id),
+             "reviewer": r.reviewer, "undoes": r.undoes_id, "created_at": r.created_at}
+            for r, sha in session.execute(query).all()]
+
+
+def review_queue(session: Session, label: str | None = None, status: str = "ok", order: str = "label",
+                 run: str | None = None) -> list[int]:
+    """The image ids a clean session walks, in order; the same filter always gives the same order."""
+    if status not in STATUS_FILTERS:
+        raise FastclassError(f"unknown --status {status!r}; use one of: {', '.join(STATUS_FILTERS)}")
+    if order not in ORDERS:
+        raise FastclassError(f"unknown --order {order!r}; use one of: {', '.join(ORDERS)}")
+    if order == "loss" or run is not None:
+        # Training runs (and their per-image losses) arrive with the trainer; until then there is none.
+        raise FastclassError("this catalog has no training runs, so there are no losses to order by; "
+                             "use --order label, random or newest")
+    query = select(Image.id, Label.name, Image.created_at, Image.dup_group_id).outerjoin(
+        Label, Label.id == Image.label_id)
+    if status == "conflict":
+        query = query.join(DuplicateGroup, DuplicateGroup.id == Image.dup_group_id).where(
+            DuplicateGroup.is_conflict.is_(True))
+    else:
+        query = query.where(Image.status == status)
+    if label is not None:
+        label_id = existing_label_id(session, label)
+        query = query.where(Image.label_id == label_id)
+    rows = session.execute(query).all()
+    if status == "conflict":
+        rows.sort(key=lambda r: (r.dup_group_id, r.name or "", r.id))
+    elif order == "label":
+        rows.sort(key=lambda r: (r.name or "", r.id))
+    elif order == "newest":
+        rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+    else:
+        rows.sort(key=lambda r: r.id)
+        random.Random(f"{label}:{status}").shuffle(rows)
+    return [r.id for r in rows]
+
+
+def reviewed_ids(session: Session, image_ids: Iterable[int]) -> set[int]:
+    """The images among image_ids with a decision that stands (one that was undone does not count)."""
+    ids = list(image_ids)
+    undone = select(Review.undoes_id).where(Review.undoes_id.is_not(None))
+    found: set[int] = set()
+    for start in range(0, len(ids), 500):
+        found.update(session.scalars(select(Review.image_id).where(
+            Review.image_id.in_(ids[start:start + 500]), Review.action != "undo", Review.id.not_in(undone))))
+    return found
+
+
+@dataclass
+class ImageCard:
+    """What the prompt shows about one image."""
+
+    id: int
+    sha256: str
+    label: str | None
+    status: str
+    reason: str | None
+    width: int
+    height: int
+    format: str
+    nbytes: int
+    store_path: str
+    sources: list[tuple[str, str]]
+    group_id: int | None
+    group_size: int
+    group_labels: list[str]
+    conflict: bool
+
+
+def image_card(session: Session, image_id: int) -> ImageCard:
+    image = session.get(Image, image_id)
+    label = _label_name(session, image.label_id)
+    sources = [(engine, uri) for engine, uri in session.execute(
+        select(Source.engine, Source.uri).where(Source.image_id == image_id).order_by(Source.id)).all()]
+    group_labels: list[str] = []
+    size, conflict = 0, False
+    if image.dup_group_id is not None:
+        group = session.get(DuplicateGroup, image.dup_group_id)
+        conflict = bool(group and group.is_conflict)
+        members = session.execute(select(Label.name).join(Image, Image.label_id == Label.id)
+                                  .where(Image.dup_group_id == image.dup_group_id)).scalars().all()
+        size = len(members)
+        group_labels = sorted(set(members))
+    return ImageCard(image.id, image.sha256, label, image.status, image.reason, image.width, image.height,
+                     image.format, image.bytes, image.store_path, sources, image.dup_group_id, size, group_labels,
+                     conflict)
+
+
+@dataclass
+class ApplyResult:
+    applied: int = 0
+    errors: list[str] = None
+
+    def as_dict(self) -> dict:
+        return {"applied": self.applied, "errors": self.errors or []}
+
+
+def apply_csv(session: Session, path: Path, reviewer: str | None = None) -> ApplyResult:
+    """Apply a decisions CSV (`image,action,label`: image id or sha256; keep, delete or relabel).
+
+    Every row is checked first; bad rows are reported with their line number and left out; the good
+    rows are then applied together in one transaction (all of them or, on a failure, none).
+    """
+    if not path.is_file():
+        raise NotFoundError(f"decisions file {path} does not exist")
+    result = ApplyResult(errors=[])
+    good: list[tuple[int, str, str | None]] = []
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh, skipinitialspace=True)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if header[:2] != ["image", "action"]:
+            raise FastclassError(f"{path}: the first line must be the header `image,action,label`")
+        for record in reader:
+            line = reader.line_num
+            if not any(cell.strip() for cell in record):
+                continue
+            cells = [c.strip() for c in record] + ["", "", ""]
+            ref, action, label = cells[0], cells[1].lower(), cells[2] or None
+            try:
+                image = find_image(session, ref)
+                if action not in ACTIONS:
+                    raise FastclassError(f"unknown action {action!r} (keep, delete or relabel)")
+                if action == "relabel":
+                    if not label:
+                        raise FastclassError("relabel needs a label in the third column")
+                    label = normalize_label(label)
+                if action == "keep" and image.status == "rejected":
+                    raise FastclassError(f"image {image.id} was rejected by verify; it cannot be kept")
+            except FastclassError as exc:
+                result.errors.append(f"{path}:{line}: {exc}")
+                continue
+            good.append((image.id, action, label))
+    who = reviewer or reviewer_name()
+    try:
+        for image_id, action, label in good:
+            decide(session, image_id, action, label, who, commit=False)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    result.applied = len(good)
+    return result
