@@ -1,15 +1,18 @@
 """`fastclass dedup`: exact near-duplicate search over stored perceptual hashes, groups, keepers and conflicts.
 
-The search is exact (every pair within the Hamming threshold is found): multi-index hashing over four
-16-bit chunks. Two hashes within distance t agree to within floor(t/4) bits on at least one chunk
-(pigeonhole), so each hash only probes the buckets whose chunk value is that close to its own, and every
-candidate is then checked on the full 64 bits.
+The search is exact (every pair within the Hamming threshold is found): multi-index hashing. The 64 bits
+are split into m chunks; two hashes within distance t differ in at most floor(t/m) bits on at least one
+chunk (pigeonhole), so each query only probes, per chunk, the buckets whose chunk value is that close to
+its own, and every candidate is then checked on all 64 bits. Buckets are a dense count/offset table per
+chunk (one array lookup per probe), and m is chosen per search from the number of probes and the
+expected candidates (3 chunks of 21-22 bits for a million hashes).
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import combinations
+from math import comb
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -22,8 +25,7 @@ from fastclass.errors import FastclassError
 from fastclass.hashes import HASH_KINDS
 from fastclass.labels import existing_label_id
 
-CHUNKS = 4
-CHUNK_BITS = 64 // CHUNKS
+MAX_CHUNK_BITS = 23  # a 2^23-entry table per chunk is 64 MiB of counts and offsets
 ELIGIBLE = ("pending", "ok", "duplicate")
 
 
@@ -32,35 +34,64 @@ def _masks(bits: int, radius: int) -> np.ndarray:
     masks = [0]
     for r in range(1, radius + 1):
         masks += [sum(1 << b for b in combo) for combo in combinations(range(bits), r)]
-    return np.array(masks, dtype=np.uint64)
+    return np.array(masks, dtype=np.int64)
 
 
-def find_pairs(queries: np.ndarray, index: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
-    """All (q, i) with popcount(queries[q] ^ index[i]) <= threshold, each once; hashes as uint64 arrays."""
+def _widths(chunks: int) -> list[int]:
+    base, extra = divmod(64, chunks)
+    return [base + (1 if c < extra else 0) for c in range(chunks)]
+
+
+def chunk_count(threshold: int, n_queries: int, n_index: int) -> int:
+    """How many chunks make the search cheapest: probes (queries x masks) against candidates to check."""
+    best: tuple[float, int] | None = None
+    for chunks in range(2, 17):
+        widths = _widths(chunks)
+        if max(widths) > MAX_CHUNK_BITS:
+            continue
+        radius = threshold // chunks
+        probes = [sum(comb(w, r) for r in range(radius + 1)) for w in widths]
+        candidates = sum(p * n_queries * n_index / 2 ** w for p, w in zip(probes, widths))
+        cost = sum(probes) * (n_queries + 2 ** max(widths) / 64) + 4 * candidates
+        if best is None or cost < best[0]:
+            best = (cost, chunks)
+    return best[1]
+
+
+def find_pairs(queries: np.ndarray, index: np.ndarray, threshold: int,
+               chunks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All (q, i) with popcount(queries[q] ^ index[i]) <= threshold, each once; hashes as uint64 arrays.
+
+    `chunks` overrides the chosen split (3 or more, so that no chunk is wider than MAX_CHUNK_BITS).
+    """
     if threshold < 0 or threshold > 32:
         raise FastclassError("the dedup threshold must be between 0 and 32 bits")
-    masks = _masks(CHUNK_BITS, threshold // CHUNKS)
+    chunks = chunks or chunk_count(threshold, len(queries), len(index))
+    radius = threshold // chunks
     found_q, found_i = [], []
-    for chunk in range(CHUNKS):
-        shift = np.uint64(chunk * CHUNK_BITS)
-        low = np.uint64((1 << CHUNK_BITS) - 1)
-        index_keys = (index >> shift) & low
+    shift = 0
+    for width in _widths(chunks):
+        low = np.uint64((1 << width) - 1)
+        index_keys = ((index >> np.uint64(shift)) & low).astype(np.int64)
+        query_keys = ((queries >> np.uint64(shift)) & low).astype(np.int64)
+        shift += width
         order = np.argsort(index_keys, kind="stable")
-        sorted_keys = index_keys[order]
-        query_keys = (queries >> shift) & low
-        for mask in masks:
+        counts = np.bincount(index_keys, minlength=1 << width)
+        starts = np.cumsum(counts) - counts
+        for mask in _masks(width, radius):
             targets = query_keys ^ mask
-            lo = np.searchsorted(sorted_keys, targets, "left")
-            hi = np.searchsorted(sorted_keys, targets, "right")
-            counts = hi - lo
-            total = int(counts.sum())
-            if total == 0:
+            hits = counts[targets]
+            q = np.flatnonzero(hits)
+            if len(q) == 0:
                 continue
-            q = np.repeat(np.arange(len(queries)), counts)
-            starts = np.repeat(lo - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
-            i = order[starts + np.arange(total)]
-            close = np.bitwise_count(queries[q] ^ index[i]) <= threshold
-            found_q.append(q[close])
+            n = hits[q]
+            total = int(n.sum())
+            rep_q = np.repeat(q, n)
+            # Position of each candidate in `order`: its bucket's start plus its rank within the bucket.
+            offsets = np.repeat(starts[targets[q]] - (np.cumsum(n) - n), n) + np.arange(total)
+            i = order[offsets]
+            close = np.bitwise_count(queries[rep_q] ^ index[i]) <= threshold
+            found_q.append(rep_q[close])
             found_i.append(i[close])
     if not found_q:
         return np.empty(0, np.int64), np.empty(0, np.int64)

@@ -19,12 +19,13 @@ def test_search_is_exact_against_brute_force():
     for k in range(60):  # planted near-copies at distances 0..12
         bits = rng.choice(64, size=k % 13, replace=False)
         hashes[1000 + k] = hashes[k] ^ np.uint64(sum(1 << int(b) for b in bits))
+    distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
     for threshold in (0, 4, 8, 10, 12):
-        a, b = find_pairs(hashes, hashes, threshold)
-        found = {(int(x), int(y)) for x, y in zip(a, b) if x < y}
-        distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
         expected = set(zip(*[v.tolist() for v in np.nonzero(np.triu(distance <= threshold, 1))]))
-        assert found == expected
+        for chunks in (None, 3, 4, 5, 8):  # the automatic choice, and every split it may choose at scale
+            a, b = find_pairs(hashes, hashes, threshold, chunks)
+            found = {(int(x), int(y)) for x, y in zip(a, b) if x < y}
+            assert found == expected, (threshold, chunks)
 
 
 def variants(root):
