@@ -1,11 +1,11 @@
 """`fastclass dedup`: exact near-duplicate search over stored perceptual hashes, groups, keepers and conflicts.
 
 The search is exact (every pair within the Hamming threshold is found): multi-index hashing. The 64 bits
-are split into m chunks; two hashes within distance t differ in at most floor(t/m) bits on at least one
-chunk (pigeonhole), so each query only probes, per chunk, the buckets whose chunk value is that close to
-its own, and every candidate is then checked on all 64 bits. Buckets are a dense count/offset table per
-chunk (one array lookup per probe), and m is chosen per search from the number of probes and the
-expected candidates (3 chunks of 21-22 bits for a million hashes).
+are split into m chunks with probe radii r_i where sum(r_i + 1) = t + 1, so two hashes within distance t
+differ in at most r_i bits on some chunk i (pigeonhole). Each query only probes, per chunk, the buckets
+whose chunk value is that close to its own, and every candidate is then checked on all 64 bits. Buckets
+are a dense count/offset table per chunk (one array lookup per probe), and m is chosen per search from
+the number of probes and the expected candidates (3 chunks of 21-22 bits for a million hashes).
 """
 from __future__ import annotations
 
@@ -42,6 +42,22 @@ def _widths(chunks: int) -> list[int]:
     return [base + (1 if c < extra else 0) for c in range(chunks)]
 
 
+def _radii(threshold: int, widths: list[int]) -> list[int]:
+    """Per-chunk probe radii r_i with sum(r_i + 1) = threshold + 1: two hashes within the threshold are
+    then within r_i on some chunk i (pigeonhole). Narrow chunks (cheap to probe) get the larger radii; a
+    radius of -1 means the chunk need not be probed at all."""
+    shares, extra = divmod(threshold + 1, len(widths))
+    by_width = sorted(range(len(widths)), key=lambda c: (widths[c], c))
+    radii = [0] * len(widths)
+    for rank, chunk in enumerate(by_width):
+        radii[chunk] = shares + (1 if rank < extra else 0) - 1
+    return radii
+
+
+def _probes(width: int, radius: int) -> int:
+    return sum(comb(width, r) for r in range(radius + 1))
+
+
 def chunk_count(threshold: int, n_queries: int, n_index: int) -> int:
     """How many chunks make the search cheapest: probes (queries x masks) against candidates to check."""
     best: tuple[float, int] | None = None
@@ -49,8 +65,7 @@ def chunk_count(threshold: int, n_queries: int, n_index: int) -> int:
         widths = _widths(chunks)
         if max(widths) > MAX_CHUNK_BITS:
             continue
-        radius = threshold // chunks
-        probes = [sum(comb(w, r) for r in range(radius + 1)) for w in widths]
+        probes = [_probes(w, r) for w, r in zip(widths, _radii(threshold, widths))]
         candidates = sum(p * n_queries * n_index / 2 ** w for p, w in zip(probes, widths))
         cost = sum(probes) * (n_queries + 2 ** max(widths) / 64) + 4 * candidates
         if best is None or cost < best[0]:
@@ -67,35 +82,41 @@ def find_pairs(queries: np.ndarray, index: np.ndarray, threshold: int,
     if threshold < 0 or threshold > 32:
         raise FastclassError("the dedup threshold must be between 0 and 32 bits")
     chunks = chunks or chunk_count(threshold, len(queries), len(index))
-    radius = threshold // chunks
+    widths = _widths(chunks)
     found_q, found_i = [], []
     shift = 0
-    for width in _widths(chunks):
+    for width, radius in zip(widths, _radii(threshold, widths)):
         low = np.uint64((1 << width) - 1)
-        index_keys = ((index >> np.uint64(shift)) & low).astype(np.int64)
-        query_keys = ((queries >> np.uint64(shift)) & low).astype(np.int64)
+        index_keys = ((index >> np.uint64(shift)) & low).astype(np.int32)
+        query_keys = ((queries >> np.uint64(shift)) & low).astype(np.int32)
         shift += width
-        order = np.argsort(index_keys, kind="stable")
-        counts = np.bincount(index_keys, minlength=1 << width)
-        starts = np.cumsum(counts) - counts
-        for mask in _masks(width, radius):
-            targets = query_keys ^ mask
+        if radius < 0:
+            continue
+        order = np.argsort(index_keys, kind="stable").astype(np.int32)
+        counts = np.bincount(index_keys, minlength=1 << width).astype(np.int32)
+        starts = (np.cumsum(counts, dtype=np.int64) - counts).astype(np.int32)
+        # Both sides in key order: a query key XOR a mask keeps neighbouring keys together, so the
+        # table lookups and the candidate reads below walk memory nearly in sequence.
+        query_order = np.argsort(query_keys, kind="stable").astype(np.int32)
+        sorted_query_keys = query_keys[query_order]
+        sorted_queries, sorted_index = queries[query_order], index[order]
+        for mask in _masks(width, radius).astype(np.int32):
+            targets = sorted_query_keys ^ mask
             hits = counts[targets]
-            q = np.flatnonzero(hits)
-            if len(q) == 0:
+            pos = np.flatnonzero(hits)
+            if len(pos) == 0:
                 continue
-            n = hits[q]
-            total = int(n.sum())
-            rep_q = np.repeat(q, n)
-            # Position of each candidate in `order`: its bucket's start plus its rank within the bucket.
-            offsets = np.repeat(starts[targets[q]] - (np.cumsum(n) - n), n) + np.arange(total)
-            i = order[offsets]
-            close = np.bitwise_count(queries[rep_q] ^ index[i]) <= threshold
-            found_q.append(rep_q[close])
-            found_i.append(i[close])
+            n = hits[pos]
+            rep_pos = np.repeat(pos, n)
+            # Each candidate's place in key order: its bucket's start plus its rank within the bucket.
+            offsets = np.repeat(starts[targets[pos]] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+            close = np.flatnonzero(np.bitwise_count(sorted_queries[rep_pos] ^ sorted_index[offsets]) <= threshold)
+            found_q.append(query_order[rep_pos[close]])
+            found_i.append(order[offsets[close]])
     if not found_q:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    pairs = np.unique(np.stack([np.concatenate(found_q), np.concatenate(found_i)], axis=1), axis=0)
+    pairs = np.unique(np.stack([np.concatenate(found_q).astype(np.int64),
+                                np.concatenate(found_i).astype(np.int64)], axis=1), axis=0)
     return pairs[:, 0], pairs[:, 1]
 
 
