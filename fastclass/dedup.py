@@ -73,51 +73,110 @@ def chunk_count(threshold: int, n_queries: int, n_index: int) -> int:
     return best[1]
 
 
+class HashIndex:
+    """Per-chunk bucket tables over a set of 64-bit hashes, built once, searched many times (exact)."""
+
+    BROADCAST_LIMIT = 1 << 22  # queries x masks handled at once when the queries are few
+
+    def __init__(self, index: np.ndarray, threshold: int, chunks: int | None = None,
+                 expected_queries: int | None = None) -> None:
+        if threshold < 0 or threshold > 32:
+            raise FastclassError("the dedup threshold must be between 0 and 32 bits")
+        self.index = index
+        self.threshold = threshold
+        n_queries = len(index) if expected_queries is None else expected_queries
+        widths = _widths(chunks or chunk_count(threshold, max(n_queries, 1), max(len(index), 1)))
+        self.chunks = []
+        shift = 0
+        for width, radius in zip(widths, _radii(threshold, widths)):
+            if radius >= 0:
+                low = np.uint64((1 << width) - 1)
+                keys = ((index >> np.uint64(shift)) & low).astype(np.int32)
+                order = np.argsort(keys, kind="stable").astype(np.int32)
+                counts = np.bincount(keys, minlength=1 << width).astype(np.int32)
+                starts = (np.cumsum(counts, dtype=np.int64) - counts).astype(np.int32)
+                self.chunks.append((shift, low, order, counts, starts, index[order],
+                                    _masks(width, radius).astype(np.int32)))
+            shift += width
+
+    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All (q, i) with popcount(queries[q] ^ index[i]) <= threshold, each once."""
+        found_q, found_i = [], []
+        for shift, low, order, counts, starts, sorted_index, masks in self.chunks:
+            query_keys = ((queries >> np.uint64(shift)) & low).astype(np.int32)
+            # Queries in key order: a key XOR a mask keeps neighbouring keys together, so the table
+            # lookups and candidate reads walk memory nearly in sequence.
+            query_order = np.argsort(query_keys, kind="stable").astype(np.int32)
+            sorted_keys, sorted_queries = query_keys[query_order], queries[query_order]
+            if len(queries) * len(masks) <= self.BROADCAST_LIMIT:
+                # Few queries (a new image against the catalog): every mask of every query at once.
+                targets = (sorted_keys[:, None] ^ masks[None, :]).ravel()
+                self._probe(targets, np.repeat(np.arange(len(queries)), len(masks)), counts, starts,
+                            sorted_queries, sorted_index, query_order, order, found_q, found_i)
+                continue
+            positions = np.arange(len(queries))
+            for mask in masks:
+                self._probe(sorted_keys ^ mask, positions, counts, starts, sorted_queries, sorted_index,
+                            query_order, order, found_q, found_i)
+        if not found_q:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        pairs = np.unique(np.stack([np.concatenate(found_q).astype(np.int64),
+                                    np.concatenate(found_i).astype(np.int64)], axis=1), axis=0)
+        return pairs[:, 0], pairs[:, 1]
+
+    def _probe(self, targets, positions, counts, starts, sorted_queries, sorted_index, query_order, order,
+               found_q: list, found_i: list) -> None:
+        hits = counts[targets]
+        probe = np.flatnonzero(hits)
+        if len(probe) == 0:
+            return
+        n = hits[probe]
+        rep_pos = np.repeat(positions[probe], n)
+        # Each candidate's place in key order: its bucket's start plus its rank within the bucket.
+        offsets = np.repeat(starts[targets[probe]] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+        close = np.flatnonzero(np.bitwise_count(sorted_queries[rep_pos] ^ sorted_index[offsets]) <= self.threshold)
+        found_q.append(query_order[rep_pos[close]])
+        found_i.append(order[offsets[close]])
+
+
 def find_pairs(queries: np.ndarray, index: np.ndarray, threshold: int,
                chunks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All (q, i) with popcount(queries[q] ^ index[i]) <= threshold, each once; hashes as uint64 arrays.
 
     `chunks` overrides the chosen split (3 or more, so that no chunk is wider than MAX_CHUNK_BITS).
     """
-    if threshold < 0 or threshold > 32:
-        raise FastclassError("the dedup threshold must be between 0 and 32 bits")
-    chunks = chunks or chunk_count(threshold, len(queries), len(index))
-    widths = _widths(chunks)
-    found_q, found_i = [], []
-    shift = 0
-    for width, radius in zip(widths, _radii(threshold, widths)):
-        low = np.uint64((1 << width) - 1)
-        index_keys = ((index >> np.uint64(shift)) & low).astype(np.int32)
-        query_keys = ((queries >> np.uint64(shift)) & low).astype(np.int32)
-        shift += width
-        if radius < 0:
-            continue
-        order = np.argsort(index_keys, kind="stable").astype(np.int32)
-        counts = np.bincount(index_keys, minlength=1 << width).astype(np.int32)
-        starts = (np.cumsum(counts, dtype=np.int64) - counts).astype(np.int32)
-        # Both sides in key order: a query key XOR a mask keeps neighbouring keys together, so the
-        # table lookups and the candidate reads below walk memory nearly in sequence.
-        query_order = np.argsort(query_keys, kind="stable").astype(np.int32)
-        sorted_query_keys = query_keys[query_order]
-        sorted_queries, sorted_index = queries[query_order], index[order]
-        for mask in _masks(width, radius).astype(np.int32):
-            targets = sorted_query_keys ^ mask
-            hits = counts[targets]
-            pos = np.flatnonzero(hits)
-            if len(pos) == 0:
-                continue
-            n = hits[pos]
-            rep_pos = np.repeat(pos, n)
-            # Each candidate's place in key order: its bucket's start plus its rank within the bucket.
-            offsets = np.repeat(starts[targets[pos]] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
-            close = np.flatnonzero(np.bitwise_count(sorted_queries[rep_pos] ^ sorted_index[offsets]) <= threshold)
-            found_q.append(query_order[rep_pos[close]])
-            found_i.append(order[offsets[close]])
-    if not found_q:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    pairs = np.unique(np.stack([np.concatenate(found_q).astype(np.int64),
-                                np.concatenate(found_i).astype(np.int64)], axis=1), axis=0)
-    return pairs[:, 0], pairs[:, 1]
+    return HashIndex(index, threshold, chunks, expected_queries=len(queries)).search(queries)
+
+
+def near_duplicate_groups(hashes: np.ndarray, threshold: int,
+                          flipped: np.ndarray | None = None) -> list[list[int]]:
+    """Positions of hashes grouped transitively by distance <= threshold (and flipped[i] vs hashes[j]).
+
+    The search runs over distinct hash values: equal hashes (near-blank images, exact copies under
+    another format) are one bucket entry, so a thousand of them cost one probe, not a million pairs.
+    """
+    if len(hashes) == 0:
+        return []
+    values, node = np.unique(hashes, return_inverse=True)
+    node = node.ravel()
+    a, b = find_pairs(values, values, threshold)
+    if flipped is not None:
+        flip_values, flip_node = np.unique(flipped, return_inverse=True)
+        fa, fb = find_pairs(flip_values, values, threshold)
+        # Each pair (flipped value, value) links every image with that flipped value to that value.
+        by_flip = np.argsort(flip_node.ravel(), kind="stable")
+        per_value = np.bincount(flip_node.ravel(), minlength=len(flip_values))
+        first = np.cumsum(per_value) - per_value
+        n = per_value[fa]
+        images = by_flip[np.repeat(first[fa] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))]
+        a = np.concatenate([a, node[images]])
+        b = np.concatenate([b, np.repeat(fb, n)])
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(values), len(values)))
+    _, component = connected_components(graph, directed=False)
+    members: dict[int, list[int]] = {}
+    for position, comp in enumerate(component[node]):
+        members.setdefault(int(comp), []).append(position)
+    return [m for m in members.values() if len(m) > 1]
 
 
 @dataclass
@@ -156,31 +215,15 @@ def find_near_duplicates(session: Session, threshold: int = 10, hash_kind: str =
     rows = session.execute(query).all()
     result = DedupResult(images=len(rows))
     hashes = np.array([r.value for r in rows], dtype=np.int64).view(np.uint64)
-    a, b = find_pairs(hashes, hashes, threshold)
-    keep = a < b
-    a, b = a[keep], b[keep]
+    flipped = None
     if flip and rows:
         flips = dict(session.execute(select(ImageHash.image_id, ImageHash.value).where(
             ImageHash.kind == "phash_flip", ImageHash.image_id.in_([r.id for r in rows]))).all())
         flipped = np.array([flips.get(r.id, r.value) for r in rows], dtype=np.int64).view(np.uint64)
-        fa, fb = find_pairs(flipped, hashes, threshold)
-        keep = fa != fb
-        a, b = np.concatenate([a, fa[keep]]), np.concatenate([b, fb[keep]])
-    groups = _components(len(rows), a, b)
+    groups = near_duplicate_groups(hashes, threshold, flipped)
     labels = dict(session.execute(select(Label.id, Label.name)).all())
     _replace_groups(session, rows, groups, labels, threshold, hash_kind, flip, result, dry_run)
     return result
-
-
-def _components(n: int, a: np.ndarray, b: np.ndarray) -> list[list[int]]:
-    if n == 0 or len(a) == 0:
-        return []
-    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    members: dict[int, list[int]] = {}
-    for position, comp in enumerate(component):
-        members.setdefault(int(comp), []).append(position)
-    return [m for m in members.values() if len(m) > 1]
 
 
 def _replace_groups(session: Session, rows, groups: list[list[int]], labels: dict[int, str], threshold: int,

@@ -8,7 +8,7 @@ import random
 import numpy as np
 from PIL import ImageOps
 
-from fastclass.dedup import find_pairs
+from fastclass.dedup import HashIndex, find_pairs, near_duplicate_groups
 from fastclass.sample import jpeg_bytes, load_photo, random_crop
 from tests.conftest import run_cli, sqlite_rows, write
 
@@ -100,3 +100,49 @@ def test_dedup_errors(sqlite_catalog):
         "Error: --flip works with --hash phash only\n"
     assert run_cli(["dedup", "--label", "nope"], sqlite_catalog).stderr == \
         "Error: no label 'nope' in the catalog (see `fastclass labels`)\n"
+
+
+def brute_groups(hashes: np.ndarray, threshold: int, flipped: np.ndarray | None = None) -> set[frozenset]:
+    close = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= threshold
+    if flipped is not None:
+        close |= np.bitwise_count(flipped[:, None] ^ hashes[None, :]) <= threshold
+        close |= close.T
+    parent = list(range(len(hashes)))
+
+    def root(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+    for a, b in zip(*np.nonzero(close)):
+        parent[root(int(a))] = root(int(b))
+    groups: dict[int, set] = {}
+    for position in range(len(hashes)):
+        groups.setdefault(root(position), set()).add(position)
+    return {frozenset(g) for g in groups.values() if len(g) > 1}
+
+
+def test_groups_are_exact_with_many_equal_hashes_and_flips():
+    rng = np.random.default_rng(7)
+    hashes = rng.integers(0, 2**63, 1500, dtype=np.int64).view(np.uint64)
+    hashes[:400] = 0  # near-blank images: one hash value many times
+    hashes[400:420] = np.uint64(0b1011)  # and a few bits away from it
+    for k in range(40):
+        hashes[500 + k] = hashes[900 + k] ^ np.uint64(1 << int(rng.integers(64)))
+    flipped = rng.integers(0, 2**63, 1500, dtype=np.int64).view(np.uint64)
+    flipped[1000:1010] = hashes[1100:1110] ^ np.uint64(3)
+    for threshold, flips in ((0, None), (4, None), (10, None), (10, flipped)):
+        got = {frozenset(g) for g in near_duplicate_groups(hashes, threshold, flips)}
+        assert got == brute_groups(hashes, threshold, flips), threshold
+
+
+def test_a_few_queries_against_a_large_index_are_exact():
+    rng = np.random.default_rng(3)
+    index = rng.integers(0, 2**63, 20000, dtype=np.int64).view(np.uint64)
+    queries = index[:5] ^ np.uint64(0b10110)
+    queries = np.concatenate([queries, rng.integers(0, 2**63, 3, dtype=np.int64).view(np.uint64)])
+    searcher = HashIndex(index, 10)
+    q, i = searcher.search(queries)
+    distance = np.bitwise_count(queries[:, None] ^ index[None, :])
+    assert set(zip(q.tolist(), i.tolist())) == set(zip(*[v.tolist() for v in np.nonzero(distance <= 10)]))
+    assert {(int(a), int(b)) for a, b in zip(*searcher.search(queries[:1]))} == {(0, 0)}
