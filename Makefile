@@ -24,6 +24,7 @@ test-fast: venv
 	$(PY) -m pytest -q -ra -m "not slow"
 
 bench: venv
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) bench/ingest.py
 	$(PY) bench/verify.py
 	$(PY) bench/dedup.py

@@ -140,7 +140,7 @@ def main() -> None:
                 if method == "numpy brute force" and n > args.brute_max:
                     continue
                 if method in OPTIONAL and importlib.util.find_spec(OPTIONAL[method]) is None:
-                    lines.append(f"| {n:,} | {threshold} | {method} | not installed (pip install pybktree faiss-cpu) | | | |")
+                    lines.append(f"| {n:,} | {threshold} | {method} | not installed (pip install -e '.[bench]') | | | |")
                     continue
                 limit = args.timeout if method == "multi-index" else args.other_timeout
                 try:
@@ -167,7 +167,7 @@ def main() -> None:
             "`fastclass.dedup.find_pairs` (exact; chunk count chosen per search, 3 chunks of 21-22 bits at 1M); brute force is chunked\n"
             "NumPy all-pairs; faiss is `IndexBinaryMultiHash(64, nhash=3, b=21)` with `nflip = t // 3` (exact) and\n"
             "range_search; the BK-tree is pybktree with a popcount distance, one query per hash. The comparisons are\n"
-            "optional packages (`pip install pybktree faiss-cpu`), stopped after 120 s.\n\n"
+            "optional packages (the `[bench]` extra, which `make bench` installs), stopped after 120 s.\n\n"
             + "\n".join(lines) + "\n\n" + _targets(timings) + "\n\n"
             "Checking one new image at a time against the catalog (`fastclass.dedup.HashIndex`, built once; "
             "each lookup a separate call, one process, so per core; target >= 5,000 lookups/s per core):\n\n"
