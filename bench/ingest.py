@@ -22,6 +22,7 @@ from bench.common import machine, peak_rss_mib, write_section  # noqa: E402
 from db.models import Image as ImageRow  # noqa: E402
 from db.models import Label, utcnow  # noqa: E402
 from fastclass.catalog import init_catalog, open_catalog  # noqa: E402
+from fastclass.ingest import ids_by_sha256, insert_rows  # noqa: E402
 from fastclass.sample import write_web_jpegs  # noqa: E402
 
 
@@ -64,12 +65,12 @@ def image_rows(n: int, label_id: int) -> list[dict]:
 
 
 def bulk_insert(work: Path, n: int) -> tuple[float, float, float]:
-    """rows/s: fastclass's Core insert (with and without RETURNING, as record_batch uses) vs raw sqlite3."""
+    """rows/s: SQLAlchemy Core executemany and fastclass's insert path (as record_batch runs it) vs raw sqlite3."""
     location = str(work / "bulk.db")
     init_catalog(location)
     catalog = open_catalog(location)
     results = []
-    for returning in (False, True):
+    for fastclass_path in (False, True):
         with catalog.session() as session:
             session.execute(ImageRow.__table__.delete())
             label = session.merge(Label(id=1, name="bench"))
@@ -78,10 +79,13 @@ def bulk_insert(work: Path, n: int) -> tuple[float, float, float]:
             started = time.perf_counter()
             table = ImageRow.__table__
             for start in range(0, n, 500):
-                stmt = insert(table)
-                if returning:
-                    stmt = stmt.returning(table.c.sha256, table.c.id, sort_by_parameter_order=True)
-                session.execute(stmt, rows[start:start + 500])
+                chunk = rows[start:start + 500]
+                if fastclass_path:
+                    # What record_batch does: driver executemany, then the new ids by sha256.
+                    insert_rows(session, table, chunk)
+                    ids_by_sha256(session, [r["sha256"] for r in chunk])
+                else:
+                    session.execute(insert(table), chunk)
             session.commit()
             results.append(n / (time.perf_counter() - started))
     catalog.close()
@@ -149,7 +153,8 @@ def main() -> None:
             imports.append(run_import(images, work / f"import{attempt}"))
         loop_s, loop_rss = min(loops), peak_rss_mib()
         import_s, import_rss = min(imports)
-        core, core_returning, raw = bulk_insert(work, args.rows)
+        inserts = [bulk_insert(work, args.rows) for _ in range(args.rounds)]
+        core, core_returning, raw = (max(column) for column in zip(*inserts))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     loop_rate, import_rate = args.count / loop_s, args.count / import_s
@@ -173,10 +178,11 @@ Catalog bulk insert of {args.rows:,} image rows in batches of 500, one transacti
 | path | rows/s | vs raw |
 |---|---|---|
 | raw `sqlite3` executemany | {raw:,.0f} | 1.00 |
-| SQLAlchemy Core `insert(images)` executemany through the session (fastclass) | {core:,.0f} | {core / raw:.2f} |
-| same with `RETURNING` (what `record_batch` uses for new images) | {core_returning:,.0f} | {core_returning / raw:.2f} |
+| SQLAlchemy Core `insert(images)` executemany through the session | {core:,.0f} | {core / raw:.2f} |
+| fastclass `record_batch`'s path: `insert_rows` (driver executemany in the session) + ids by sha256 | {core_returning:,.0f} | {core_returning / raw:.2f} |
 
-Target: fastclass's bulk insert >= 0.65x raw.
+Target: fastclass's bulk insert >= 0.65x raw: **{"met" if core_returning / raw >= 0.65 else "not met"}**
+({core_returning / raw:.2f}x). Best of {args.rounds} runs each; the rows are built before the clock starts.
 """
     print(body)
     write_section("Ingest", body)

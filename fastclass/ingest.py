@@ -10,13 +10,14 @@ import datetime as dt
 import hashlib
 import io
 import warnings
+from operator import itemgetter
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from PIL import Image, ImageFile
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import Table, insert, select, tuple_
 from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
@@ -183,19 +184,15 @@ def record_batch(session: Session, items: Sequence[PreparedImage]) -> RecordResu
         })
         result.new_per_label[item.label] += 1
     if new_rows:
-        # Core inserts on the tables (not the mapped classes) skip the ORM's per-row bookkeeping.
-        images = ImageRow.__table__
-        returned = session.execute(
-            insert(images).returning(images.c.sha256, images.c.id, sort_by_parameter_order=True), new_rows
-        ).all()
-        ids.update(returned)
+        insert_rows(session, ImageRow.__table__, new_rows)
+        ids.update(ids_by_sha256(session, list(new_facts)))
         hash_rows = [
             {"image_id": ids[sha], "kind": kind, "version": HASH_KINDS[kind].version, "value": value}
             for sha, facts in new_facts.items()
             for kind, value in facts.hashes.items()
         ]
         if hash_rows:
-            session.execute(insert(ImageHash.__table__), hash_rows)
+            insert_rows(session, ImageHash.__table__, hash_rows)
     result.new_images = len(new_rows)
     result.exact_duplicates = len(items) - len(new_rows)
     result.new_sources = _insert_sources(session, items, ids, labels, now, set(new_facts))
@@ -225,8 +222,60 @@ def _insert_sources(session: Session, items: Sequence[PreparedImage], ids: dict[
             "http_status": src.http_status, "content_type": src.content_type, "fetched_at": src.fetched_at or now,
         })
     if rows:
-        session.execute(insert(Source.__table__), rows)
+        insert_rows(session, Source.__table__, rows)
     return len(rows)
+
+
+def insert_rows(session: Session, table: Table, rows: Sequence[dict]) -> None:
+    """Bulk INSERT through the database driver's executemany, in the session's transaction.
+
+    SQLAlchemy's Core executemany spends most of its time building and processing each row's
+    parameters (about 0.55x the driver's rate here); the rows written by ingest are plain values, so
+    they go to the driver directly, with datetimes written the way SQLAlchemy's SQLite type stores them.
+    Every row must have the same keys.
+    """
+    connection = session.connection()
+    dialect = connection.dialect
+    placeholder = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
+    if placeholder is None:
+        session.execute(insert(table), list(rows))
+        return
+    columns = list(rows[0])
+    quote = dialect.identifier_preparer.quote
+    sql = (f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
+           f"VALUES ({', '.join([placeholder] * len(columns))})")
+    getter = itemgetter(*columns)
+    values = [getter(row) for row in rows] if len(columns) > 1 else [(getter(row),) for row in rows]
+    if dialect.name == "sqlite":
+        stamps = [i for i, c in enumerate(columns) if any(isinstance(row[c], dt.datetime) for row in rows[:1])]
+        if stamps:
+            text: dict[dt.datetime, str] = {}
+            values = [tuple(_stamp(v, text) if i in stamps else v for i, v in enumerate(row)) for row in values]
+    connection.exec_driver_sql(sql, values)
+
+
+def _stamp(value, cache: dict) -> object:
+    """A datetime as SQLAlchemy's SQLite DateTime stores it (batches share one `now`, so cache it)."""
+    if not isinstance(value, dt.datetime):
+        return value
+    found = cache.get(value)
+    if found is None:
+        found = cache[value] = value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    return found
+
+
+def ids_by_sha256(session: Session, shas: Sequence[str]) -> dict[str, int]:
+    """Image ids by sha256, read through the driver (no per-row result objects), SQL_CHUNK at a time."""
+    connection = session.connection()
+    placeholder = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(connection.dialect.paramstyle)
+    found: dict[str, int] = {}
+    for chunk in _chunks(list(shas), SQL_CHUNK):
+        if placeholder is None:
+            found.update(session.execute(select(ImageRow.sha256, ImageRow.id).where(ImageRow.sha256.in_(chunk))).all())
+            continue
+        sql = f"SELECT sha256, id FROM images WHERE sha256 IN ({', '.join([placeholder] * len(chunk))})"
+        found.update(connection.exec_driver_sql(sql, tuple(chunk)).fetchall())
+    return found
 
 
 def is_recorded_in(session: Session):
