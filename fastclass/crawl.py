@@ -47,7 +47,7 @@ from fastclass.ingest import (
     is_recorded_in,
 )
 from fastclass.labels import label_ids, normalize_label
-from fastclass.store import ImageStore, StoredFile
+from fastclass.store import ImageStore, StoredFile, pid_alive
 from fastclass.workers import worker_pool
 
 log = logging.getLogger(__name__)
@@ -765,15 +765,10 @@ def list_jobs(session: Session, limit: int | None = None) -> list[dict]:
 
 
 def _alive(params: dict) -> bool:
+    """Whether a job's process may still be running: always, unless it ran on this host and is gone."""
     if params.get("host") != socket.gethostname() or not params.get("pid"):
         return True
-    try:
-        os.kill(int(params["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(int(params["pid"]))
 
 
 def jobs_to_resume(session: Session) -> list[tuple[int, CrawlOptions]]:

@@ -63,7 +63,8 @@ def _unlink_twin(temp: Path) -> None:
     temp.with_name(temp.name + ".copy").unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process on this host is running (a zombie counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -146,7 +147,7 @@ class ImageStore:
     def clear_stale_temp(self, is_recorded: Callable[[str], bool]) -> int:
         """Remove what crashed writers on this host left behind; returns the number of temp files cleared."""
         stale = [(temp, sha) for temp, sha, host, pid in self._temp_entries()
-                 if pid < 0 or (host == self._host and not _pid_alive(pid))]
+                 if pid < 0 or (host == self._host and not pid_alive(pid))]
         for temp, _ in stale:
             _unlink_twin(temp)
         self._remove_orphans({sha for _, sha in stale if sha}, is_recorded)
@@ -177,7 +178,7 @@ class ImageStore:
 
     def _held_by_live_writers(self) -> set[str]:
         return {sha for temp, sha, host, pid in self._temp_entries()
-                if pid >= 0 and (host != self._host or _pid_alive(pid))}
+                if pid >= 0 and (host != self._host or pid_alive(pid))}
 
     def remove(self, relpath: str) -> None:
         (self.root / relpath).unlink(missing_ok=True)
