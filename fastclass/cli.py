@@ -509,11 +509,11 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
         label_from_query,
         parse_engine_urls,
         parse_filters,
-        parse_size,
         read_class_csv,
         run_crawl,
     )
     from fastclass.engines import DEFAULT_ENGINES
+    from fastclass.verify import parse_size
 
     if sum(bool(x) for x in (query, from_csv, resume)) > 1:
         raise click.UsageError("give one of QUERY, --from FILE.csv or --resume")
@@ -699,13 +699,11 @@ def label() -> None:
 @pass_options
 def label_set(opts: Options, name: str, images: tuple[str, ...]) -> None:
     """Relabel images (ids or sha256) to NAME; all or none."""
-    from fastclass.review import decide, find_image
+    from fastclass.review import decide_many
 
     with opts.session() as (_, session):
-        ids = [find_image(session, ref).id for ref in images]
-        for image_id in ids:
-            decide(session, image_id, "relabel", name, commit=False)
-    click.echo(f"Relabelled {len(ids)} image(s) to {name}.")
+        count = decide_many(session, images, "relabel", name)
+    click.echo(f"Relabelled {count} image(s) to {name}.")
 
 
 @cli.command()
@@ -713,13 +711,11 @@ def label_set(opts: Options, name: str, images: tuple[str, ...]) -> None:
 @pass_options
 def delete(opts: Options, images: tuple[str, ...]) -> None:
     """Mark images (ids or sha256) deleted; their files go with the next `fastclass prune`."""
-    from fastclass.review import decide, find_image
+    from fastclass.review import decide_many
 
     with opts.session() as (_, session):
-        ids = [find_image(session, ref).id for ref in images]
-        for image_id in ids:
-            decide(session, image_id, "delete", commit=False)
-    click.echo(f"Deleted {len(ids)} image(s) (undo with `fastclass undo`; files stay until `fastclass prune`).")
+        count = decide_many(session, images, "delete")
+    click.echo(f"Deleted {count} image(s) (undo with `fastclass undo`; files stay until `fastclass prune`).")
 
 
 @cli.command()

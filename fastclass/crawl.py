@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 
 import requests
 import urllib3
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.models import CrawlJob, FetchedUrl, Image, Label, Source, utcnow
+from db.models import CrawlJob, FetchedUrl, Label, Source, utcnow
 from fastclass import __version__
 from fastclass.engines import EngineProblem, EngineRequest, Hit, RewritingSession, get_engine
 from fastclass.errors import FastclassError, NotFoundError
@@ -44,7 +44,10 @@ from fastclass.ingest import (
     SourceInfo,
     analyze_bytes,
     commit_batch,
+    ids_by_sha256,
+    insert_rows,
     is_recorded_in,
+    reason_kind,
 )
 from fastclass.labels import label_ids, normalize_label
 from fastclass.store import ImageStore, StoredFile, pid_alive
@@ -157,13 +160,6 @@ def label_from_query(query: str, exclude: list[str] = ()) -> str:
     label = "_".join(words).lower()
     label = re.sub(r"[^\w&+.-]+", "_", label).strip("_.")
     return normalize_label(label or "unnamed")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match:
-        raise FastclassError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 200x200")
-    return int(match.group(1)), int(match.group(2))
 
 
 def parse_filters(pairs: list[str]) -> dict[str, str]:
@@ -542,7 +538,7 @@ class Crawler:
         known = {row.url_hash: row for row in self.session.execute(
             select(FetchedUrl.url_hash, FetchedUrl.outcome, FetchedUrl.sha256)
             .where(FetchedUrl.url_hash.in_(list(hashes)))).all()}
-        todo = []
+        todo, reused = [], []
         for digest, hit in hashes.items():
             row = known.get(digest)
             if row is None or row.outcome == "retry":
@@ -551,23 +547,31 @@ class Crawler:
             stats.skipped += 1
             report.skipped += 1
             if row.outcome == "ok" and row.sha256:
-                self._add_source_if_new(row.sha256, hit, engine, self.label_id, report, stats)
+                reused.append((row.sha256, hit))
+        if reused:
+            self._add_sources(reused, engine, report, stats)
         self.session.commit()
         return todo
 
-    def _add_source_if_new(self, sha: str, hit: Hit, engine: str, label_id: int, report: CrawlReport,
-                           stats: EngineStats) -> None:
-        image_id = self.session.scalar(select(Image.id).where(Image.sha256 == sha))
-        if image_id is None:
-            return
-        exists = self.session.scalar(select(Source.id).where(
-            Source.image_id == image_id, Source.uri == hit.url, Source.label_id == label_id))
-        if exists is None:
-            self.session.execute(insert(Source.__table__).values(
-                image_id=image_id, label_id=label_id, uri=hit.url, engine=engine, query=self.options.query,
-                crawl_job_id=self.job_id, page_url=hit.page_url, fetched_at=utcnow()))
-            report.exact_duplicates += 1
-            stats.duplicates += 1
+    def _add_sources(self, reused: list[tuple[str, Hit]], engine: str, report: CrawlReport,
+                     stats: EngineStats) -> None:
+        """This label as a source of images fetched before (maybe for another label): no download."""
+        ids = ids_by_sha256(self.session, [sha for sha, _ in reused])
+        existing = set(self.session.execute(select(Source.image_id, Source.uri).where(
+            Source.label_id == self.label_id, Source.image_id.in_(set(ids.values())))).all())
+        rows = []
+        for sha, hit in reused:
+            image_id = ids.get(sha)
+            if image_id is None or (image_id, hit.url) in existing:
+                continue
+            existing.add((image_id, hit.url))
+            rows.append({"image_id": image_id, "label_id": self.label_id, "uri": hit.url, "engine": engine,
+                         "query": self.options.query, "crawl_job_id": self.job_id, "page_url": hit.page_url,
+                         "fetched_at": utcnow()})
+        if rows:
+            insert_rows(self.session, Source.__table__, rows)
+            report.exact_duplicates += len(rows)
+            stats.duplicates += len(rows)
 
     def _drain(self, in_flight: dict, report: CrawlReport, block: bool = True, wait_all: bool = False) -> None:
         while in_flight:
@@ -595,11 +599,11 @@ class Crawler:
         if outcome.rejected:
             stats.downloaded += 1
             report.downloaded += 1
-            report.rejected[_reason_kind(outcome.reason)] += 1
+            report.rejected[reason_kind(outcome.reason) or "unknown"] += 1
             self.consecutive_failures = 0
         else:
             stats.failed += 1
-            report.failed[_reason_kind(outcome.reason)] += 1
+            report.failed[reason_kind(outcome.reason) or "unknown"] += 1
             self.consecutive_failures += 1
             self.last_failure = f"{outcome.reason} for {outcome.hit.url[:100]}"
         self.failures.append(outcome)
@@ -617,9 +621,9 @@ class Crawler:
                          else "failed", self.job_id) for o in batch + failures)}.values())
         if rows:
             self.session.execute(delete(FetchedUrl).where(FetchedUrl.url_hash.in_([r["url_hash"] for r in rows])))
-            self.session.execute(insert(FetchedUrl.__table__), rows)
+            insert_rows(self.session, FetchedUrl.__table__, rows)
         shas = [o.prepared.facts.sha256 for o in batch]
-        known = set(self.session.scalars(select(Image.sha256).where(Image.sha256.in_(shas)))) if shas else set()
+        known = set(ids_by_sha256(self.session, shas))
         for outcome in batch:
             outcome.prepared.source.crawl_job_id = self.job_id
         result = commit_batch(self.session, self.store, [o.prepared for o in batch])
@@ -653,10 +657,6 @@ def _fetched_row(outcome: _Outcome, state: str, job_id: int) -> dict:
             "reason": outcome.reason, "http_status": outcome.http_status,
             "sha256": outcome.prepared.facts.sha256 if outcome.prepared else None,
             "crawl_job_id": job_id, "fetched_at": utcnow()}
-
-
-def _reason_kind(reason: str | None) -> str:
-    return (reason or "unknown").split(" (")[0]
 
 
 def _short_error(exc: BaseException) -> str:

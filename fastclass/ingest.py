@@ -145,6 +145,11 @@ def _decode_reason(exc: Exception) -> str:
     return f"cannot decode: {text[:200]}"
 
 
+def reason_kind(reason: str | None) -> str:
+    """A reason without its figures, for summary tables ('too small (20x10 ...)' -> 'too small')."""
+    return (reason or "").split(" (")[0]
+
+
 def read_capped(path: Path, max_bytes: int) -> bytes:
     """Read a file, refusing one over the byte cap before reading it whole."""
     with open(path, "rb") as fh:
@@ -166,9 +171,7 @@ def record_batch(session: Session, items: Sequence[PreparedImage]) -> RecordResu
         return result
     labels = label_ids(session, {item.label for item in items})
     shas = list(dict.fromkeys(item.facts.sha256 for item in items))
-    ids: dict[str, int] = {}
-    for chunk in _chunks(shas, SQL_CHUNK):
-        ids.update(session.execute(select(ImageRow.sha256, ImageRow.id).where(ImageRow.sha256.in_(chunk))).all())
+    ids = ids_by_sha256(session, shas)
     now = utcnow()
     new_rows, new_facts = [], {}
     for item in items:
@@ -236,7 +239,7 @@ def insert_rows(session: Session, table: Table, rows: Sequence[dict]) -> None:
     """
     connection = session.connection()
     dialect = connection.dialect
-    placeholder = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
+    placeholder = _placeholder(dialect.paramstyle)
     if placeholder is None:
         session.execute(insert(table), list(rows))
         return
@@ -254,6 +257,11 @@ def insert_rows(session: Session, table: Table, rows: Sequence[dict]) -> None:
     connection.exec_driver_sql(sql, values)
 
 
+def _placeholder(paramstyle: str) -> str | None:
+    """The driver's positional parameter marker, or None for a style these helpers do not write."""
+    return {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(paramstyle)
+
+
 def _stamp(value, cache: dict) -> object:
     """A datetime as SQLAlchemy's SQLite DateTime stores it (batches share one `now`, so cache it)."""
     if not isinstance(value, dt.datetime):
@@ -267,7 +275,7 @@ def _stamp(value, cache: dict) -> object:
 def ids_by_sha256(session: Session, shas: Sequence[str]) -> dict[str, int]:
     """Image ids by sha256, read through the driver (no per-row result objects), SQL_CHUNK at a time."""
     connection = session.connection()
-    placeholder = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(connection.dialect.paramstyle)
+    placeholder = _placeholder(connection.dialect.paramstyle)
     found: dict[str, int] = {}
     for chunk in _chunks(list(shas), SQL_CHUNK):
         if placeholder is None:

@@ -113,6 +113,16 @@ def decide(session: Session, image_id: int, action: str, label: str | None = Non
     return decision
 
 
+def decide_many(session: Session, refs: Iterable[str], action: str, label: str | None = None,
+                reviewer: str | None = None) -> int:
+    """One decision for several images (ids or sha256); every image is found first, then all are decided
+    in the caller's transaction, so either all of them change or none. Returns how many."""
+    ids = [find_image(session, ref).id for ref in refs]
+    for image_id in ids:
+        decide(session, image_id, action, label, reviewer, commit=False)
+    return len(ids)
+
+
 def undo(session: Session, review_id: int, reviewer: str | None = None) -> Decision:
     """Put an image back as it was before a review, recorded as an `undo` review of that one."""
     review = session.get(Review, review_id)

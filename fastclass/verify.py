@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from db.models import Image as ImageRow
 from db.models import utcnow
 from fastclass.errors import FastclassError
+from fastclass.ingest import reason_kind
 from fastclass.labels import existing_label_id
 from fastclass.store import ImageStore
 from fastclass.workers import map_in_workers
@@ -148,7 +149,7 @@ def verify_images(session: Session, store: ImageStore, rules: VerifyRules = Veri
         if verdict.status == "ok":
             result.ok += 1
         else:
-            result.rejected[_reason_kind(verdict.reason)] += 1
+            result.rejected[reason_kind(verdict.reason)] += 1
         if len(batch) >= BATCH_SIZE:
             _save(session, batch)
             batch = []
@@ -156,11 +157,6 @@ def verify_images(session: Session, store: ImageStore, rules: VerifyRules = Veri
             progress(done, len(tasks))
     _save(session, batch)
     return result
-
-
-def _reason_kind(reason: str | None) -> str:
-    """The reason without its figures, for the summary table ('too small (20x10 ...)' -> 'too small')."""
-    return (reason or "").split(" (")[0]
 
 
 def _save(session: Session, verdicts: Sequence[Verdict]) -> None:
