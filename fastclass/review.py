@@ -17,7 +17,7 @@ from typing import Iterable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import DuplicateGroup, Image, Label, Review, Source, utcnow
+from db.models import DuplicateGroup, Image, Label, Review, RunLoss, Source, TrainingRun, utcnow
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.labels import existing_label_id, label_ids, normalize_label
 
@@ -167,10 +167,9 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
         raise FastclassError(f"unknown --status {status!r}; use one of: {', '.join(STATUS_FILTERS)}")
     if order not in ORDERS:
         raise FastclassError(f"unknown --order {order!r}; use one of: {', '.join(ORDERS)}")
-    if order == "loss" or run is not None:
-        # Training runs (and their per-image losses) arrive with the trainer; until then there is none.
-        raise FastclassError("this catalog has no training runs, so there are no losses to order by; "
-                             "use --order label, random or newest")
+    run_id = run_with_losses(session, run) if run is not None else None
+    if order == "loss" and run_id is None:
+        raise FastclassError("--order loss needs --run RUN: the training run whose per-image losses to order by")
     query = select(Image.id, Label.name, Image.created_at, Image.dup_group_id).outerjoin(
         Label, Label.id == Image.label_id)
     if status == "conflict":
@@ -188,10 +187,25 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
         rows.sort(key=lambda r: (r.name or "", r.id))
     elif order == "newest":
         rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+    elif order == "loss":
+        losses = dict(session.execute(select(RunLoss.image_id, RunLoss.loss).where(RunLoss.run_id == run_id)).all())
+        # Highest loss first: the images the model most disagrees with; images it never saw come last.
+        rows.sort(key=lambda r: (r.id not in losses, -losses.get(r.id, 0.0), r.id))
     else:
         rows.sort(key=lambda r: r.id)
         random.Random(f"{label}:{status}").shuffle(rows)
     return [r.id for r in rows]
+
+
+def run_with_losses(session: Session, run: str) -> int:
+    """The id of a training run that `interpret` has given per-image losses."""
+    text = str(run).strip()
+    found = session.get(TrainingRun, int(text)) if text.isdigit() else None
+    if found is None:
+        raise NotFoundError(f"no training run {text!r} in the catalog (see `fastclass runs`)")
+    if session.scalar(select(RunLoss.image_id).where(RunLoss.run_id == found.id).limit(1)) is None:
+        raise FastclassError(f"run {found.id} has no per-image losses yet; run `fastclass interpret {found.id}` first")
+    return found.id
 
 
 def reviewed_ids(session: Session, image_ids: Iterable[int]) -> set[int]:
@@ -224,9 +238,11 @@ class ImageCard:
     group_size: int
     group_labels: list[str]
     conflict: bool
+    prediction: RunLoss | None = None
 
 
-def image_card(session: Session, image_id: int) -> ImageCard:
+def image_card(session: Session, image_id: int, run_id: int | None = None) -> ImageCard:
+    """What the prompt shows about an image; with run_id, also that run's prediction and loss for it."""
     image = session.get(Image, image_id)
     label = _label_name(session, image.label_id)
     sources = [(engine, uri) for engine, uri in session.execute(
@@ -242,7 +258,7 @@ def image_card(session: Session, image_id: int) -> ImageCard:
         group_labels = sorted(set(members))
     return ImageCard(image.id, image.sha256, label, image.status, image.reason, image.width, image.height,
                      image.format, image.bytes, image.store_path, sources, image.dup_group_id, size, group_labels,
-                     conflict)
+                     conflict, session.get(RunLoss, (run_id, image_id)) if run_id is not None else None)
 
 
 @dataclass

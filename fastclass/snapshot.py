@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 from sqlalchemy import delete, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Image, Label, Snapshot, SnapshotItem, SplitAssignment, utcnow
+from db.models import Image, Label, Snapshot, SnapshotItem, SplitAssignment, TrainingRun, utcnow
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.split import current_split
 from fastclass.store import ImageStore
@@ -237,6 +237,11 @@ def diff_snapshots(session: Session, old: str, new: str) -> SnapshotDiff:
 def delete_snapshot(session: Session, name: str) -> None:
     """Remove a whole snapshot (its items go with it); the images and their files stay."""
     snap = _get(session, name)
+    runs = session.scalars(select(TrainingRun.id).where(TrainingRun.snapshot_id == snap.id)
+                           .order_by(TrainingRun.id)).all()
+    if runs:
+        raise FastclassError(f"snapshot {name!r} cannot be deleted: training run(s) {', '.join(map(str, runs))} "
+                             "were trained on it and keep it reproducible")
     session.execute(delete(Snapshot).where(Snapshot.id == snap.id))
 
 

@@ -154,3 +154,38 @@ def sqlite_catalog_named(tmp_path: Path, name: str):
         yield catalog
     finally:
         catalog.close()
+
+
+def digit_images(digits: dict[str, int], per_class: int, size: int = 64, skip: int = 0) -> dict[str, list[bytes]]:
+    """Real handwritten digits (scikit-learn's 8x8 set) scaled up to size x size RGB PNGs: label -> images.
+    `skip` leaves out the first images of each digit, for held-out examples."""
+    from sklearn.datasets import load_digits
+
+    digits_set = load_digits()
+    wanted = {digit: label for label, digit in digits.items()}
+    found: dict[str, list[bytes]] = {label: [] for label in digits}
+    seen: dict[int, int] = {}
+    for pixels, target in zip(digits_set.images, digits_set.target):
+        label = wanted.get(int(target))
+        if label is None or len(found[label]) >= per_class:
+            continue
+        seen[target] = seen.get(target, 0) + 1
+        if seen[target] <= skip:
+            continue
+        small = Image.fromarray((pixels * 255 / 16).astype("uint8"))
+        buf = io.BytesIO()
+        small.resize((size, size), Image.BILINEAR).convert("RGB").save(buf, "PNG")
+        if buf.getvalue() not in found[label]:
+            found[label].append(buf.getvalue())
+    return found
+
+
+def snapshot_of(catalog, root: Path, spec: dict[str, list[bytes]], name: str, valid_pct: float = 0.2) -> None:
+    """Import, verify, split and snapshot real images through the services."""
+    from fastclass.snapshot import create_snapshot
+    from fastclass.split import assign_splits
+
+    add_images(catalog, root, spec)
+    with catalog.session() as session:
+        assign_splits(session, valid_pct, 42, 1)
+        create_snapshot(session, name)

@@ -168,7 +168,7 @@ def test_clean_needs_a_terminal_and_known_orders(pets):
     child = pexpect.spawn(sys.executable, ["-m", "fastclass", "--catalog", pets, "clean", "--order", "loss"],
                           encoding="utf-8", timeout=30, env=ENV)
     child.expect(pexpect.EOF)
-    assert "Error: this catalog has no training runs, so there are no losses to order by" in child.before
+    assert "Error: --order loss needs --run RUN: the training run whose per-image losses to order by" in child.before
 
 
 def test_halfblock_preview_is_exact_truecolor():
