@@ -30,6 +30,7 @@ bench: venv
 	$(PY) bench/dedup.py
 	$(PY) bench/split.py
 	$(PY) bench/crawl.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf demo bench/out .pytest_cache

@@ -810,12 +810,14 @@ def _epoch_line(row) -> str:
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               envvar="FASTCLASS_DEVICE", help="Where to train [env FASTCLASS_DEVICE].")
+@click.option("--cache/--no-cache", default=None,
+              help="Decode and presize every image once into cache/ beside runs/ [default: on with a GPU].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_options
 def train(opts: Options, snapshot_name: str, arch: str, pretrained: bool, weights_file: Path | None, epochs: int,
           freeze_epochs: int, lr_text: str, lr_mult: float, fp16: bool | None, size: int, sizes: str | None,
           halve_bs: bool, presize: int | None, no_flip: bool, bs: int, workers: int | None, tta: bool, seed: int,
-          device: str, as_json: bool) -> None:
+          device: str, cache: bool | None, as_json: bool) -> None:
     """Fine-tune a CNN on a snapshot; the run and every epoch are recorded in the catalog."""
     if weights_file is not None and not pretrained:
         raise click.UsageError("--weights and --no-pretrained contradict each other")
@@ -824,7 +826,7 @@ def train(opts: Options, snapshot_name: str, arch: str, pretrained: bool, weight
 
     weights = str(weights_file.resolve()) if weights_file else PRETRAINED if pretrained else NO_WEIGHTS
     config = TrainConfig(snapshot_name, arch, weights, epochs, freeze_epochs, _parse_lr(lr_text), lr_mult, fp16,
-                         _parse_sizes(size, sizes), presize, halve_bs, not no_flip, bs, workers, tta, seed, device)
+                         _parse_sizes(size, sizes), presize, halve_bs, not no_flip, bs, workers, tta, seed, device, cache)
     update, finish = progress_reporter(opts, "Training")
     talk = not (as_json or opts.quiet)
 

@@ -292,6 +292,36 @@ def test_training_from_a_weights_file_records_it(trained, tmp_path):
     assert config["weights"] == str(path) and config["weights_loaded"] == run["weights"]
 
 
+def test_presize_cache_matches_the_file_pipeline_and_is_reused(trained, tmp_path):
+    from trainer.data import build_dataloaders, presize_cache, presized_pixels, snapshot_data
+
+    catalog = open_catalog(trained.location)
+    with catalog.session() as session:
+        data = snapshot_data(session, catalog.store, "digits")
+    catalog.close()
+    cache = presize_cache(data, 131, tmp_path / "cache")
+    files = sorted((tmp_path / "cache").iterdir())
+    assert [f.suffix for f in files] == [".json", ".u8"] and files[1].stat().st_size == 60 * 131 * 131 * 3
+    assert (cache[5] == presized_pixels(data.frame.path.iloc[5], 131)).all()
+    stamp = files[1].stat().st_mtime_ns
+    assert presize_cache(data, 131, tmp_path / "cache").shape == cache.shape
+    assert files[1].stat().st_mtime_ns == stamp, "a complete cache is reused, not rebuilt"
+    stats = ([0.5] * 3, [0.5] * 3)
+    from_files = build_dataloaders(data, 64, None, 16, 0, True, stats, "cpu")
+    from_cache = build_dataloaders(data, 64, None, 16, 0, True, stats, "cpu", cache)
+    for index in range(len(from_files.valid.dataset)):
+        assert torch.equal(from_files.valid.do_item(index)[0], from_cache.valid.do_item(index)[0])
+
+    result = run_cli(["train", "--snapshot", "digits", *TINY, "--cache", "--json"], trained.location)
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout)
+    config = json.loads((Path(run["artifact_dir"]) / "config.json").read_text())
+    assert config["cache"] is True and (trained.root / "cache").is_dir()
+    image = write(tmp_path / "seven.png", digit_images({"seven": 7}, 1, skip=40)["seven"][0])
+    predicted = run_cli(["predict", run["artifact_dir"], str(image), "--json"], trained.location)
+    assert predicted.exit_code == 0 and json.loads(predicted.stdout)[0]["label"] in DIGITS
+
+
 @pytest.mark.slow
 def test_progressive_resizing_and_lr_find(trained):
     result = run_cli(["train", "--snapshot", "digits", *TINY, "--sizes", "48,64", "--halve-bs", "--lr", "auto",

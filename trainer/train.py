@@ -22,12 +22,13 @@ from db.models import RunStatus, Snapshot
 from fastclass.errors import FastclassError
 from fastclass.store import ImageStore
 from trainer.archs import PRETRAINED, build_body, get_arch
-from trainer.data import build_dataloaders, presize_for, snapshot_data
+from trainer.data import build_dataloaders, presize_cache, presize_for, snapshot_data
 from trainer.runs import EXPORT_NAME, EpochRow, finish_run, record_epoch, start_run, write_config
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+CACHE_DIR = "cache"  # beside runs/: presized images, keyed by snapshot digest and presize; safe to delete
 PROGRESS_STEPS = 1000  # progress units per epoch, so the bar moves within an epoch
 
 
@@ -52,6 +53,7 @@ class TrainConfig:
     tta: bool = False
     seed: int = 42
     device: str = "auto"
+    cache: bool | None = None
 
     def check(self) -> None:
         if self.epochs < 0 or self.freeze_epochs < 0 or self.epochs + self.freeze_epochs == 0:
@@ -192,13 +194,15 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
     if fp16 and not cuda:
         raise FastclassError("--fp16 needs a CUDA GPU; on the CPU train with --no-fp16 (the default there)")
     workers = config.workers if config.workers is not None else (min(os.cpu_count() or 1, 16) if cuda else 0)
+    # On a GPU the loader is the bottleneck, so images are presized once; on the CPU the model is.
+    cached = cuda if config.cache is None else config.cache
 
     from fastai.torch_core import set_seed
 
     set_seed(config.seed, reproducible=True)
     body = build_body(spec, config.weights)
     resolved = {**asdict(config), "sizes": list(config.sizes), "device": str(device), "fp16": fp16,
-                "workers": workers, "weights_loaded": body.weights, "stats": list(spec.stats), "labels": data.vocab,
+                "workers": workers, "cache": cached, "weights_loaded": body.weights, "stats": list(spec.stats), "labels": data.vocab,
                 "presizes": [presize_for(s, config.presize) for s in config.sizes],
                 "train_images": data.train_count, "valid_images": data.valid_count}
     device_name = _device_name(device)
@@ -211,8 +215,13 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
         hooks.on_start(result)
     total_epochs = config.freeze_epochs + config.epochs * len(config.sizes)
     tracker = _Tracker(session, run, total_epochs, hooks.progress, hooks.on_epoch)
+
+    def dataloaders(size: int, bs: int, from_cache: bool = cached):
+        cache = presize_cache(data, presize_for(size, config.presize), runs_root.parent / CACHE_DIR) if from_cache else None
+        return build_dataloaders(data, size, config.presize, bs, workers, config.flip, spec.stats, device, cache)
+
     try:
-        learn = _learner(data, spec, body, config, config.sizes[0], config.bs, workers, device, run.artifact_dir)
+        learn = _learner(dataloaders(config.sizes[0], config.bs), data, spec, body, run.artifact_dir, device)
         if fp16:
             learn.to_fp16()
         learn.freeze()
@@ -233,7 +242,7 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
         for index, size in enumerate(config.sizes):
             if index:
                 bs = max(1, bs // 2) if config.halve_bs else bs
-                learn.dls = build_dataloaders(data, size, config.presize, bs, workers, config.flip, spec.stats, device)
+                learn.dls = dataloaders(size, bs)
             if config.epochs:
                 learn.fit_one_cycle(config.epochs, slice(lr / config.lr_mult, lr), pct_start=0.3,
                                     cbs=[_epoch_callback(tracker, "unfrozen", size)])
@@ -244,6 +253,9 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
             preds, targets = learn.tta(dl=learn.dls.valid)
             result.tta_accuracy = float((preds.argmax(dim=1) == targets).float().mean())
         learn.to_fp32()
+        if cached:
+            # The exported model must read files (predict, interpret), not this run's cache.
+            learn.dls = dataloaders(config.sizes[-1], bs, from_cache=False)
         learn.export(EXPORT_NAME)
     except KeyboardInterrupt:
         finish_run(session, run.id, RunStatus.INTERRUPTED, error="interrupted (Ctrl-C)")
@@ -258,7 +270,7 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
     return result
 
 
-def _learner(data, spec, body, config: TrainConfig, size: int, bs: int, workers: int, device, path: str):
+def _learner(dls, data, spec, body, path: str, device):
     import torch
     from fastai.callback.progress import ProgressCallback
     from fastai.learner import Learner
@@ -266,7 +278,6 @@ def _learner(data, spec, body, config: TrainConfig, size: int, bs: int, workers:
     from fastai.vision.learner import add_head, default_split
     from fastcore.basics import noop
 
-    dls = build_dataloaders(data, size, config.presize, bs, workers, config.flip, spec.stats, device)
     model = add_head(body.module, body.features, len(data.vocab), pool=body.needs_pool)
     learn = Learner(dls, model, splitter=spec.split or default_split, metrics=[error_rate, accuracy], path=Path(path))
     # Progress and the epoch table are the caller's (through callbacks); fastai itself stays silent.
