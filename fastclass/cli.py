@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -812,12 +813,14 @@ def _epoch_line(row) -> str:
               envvar="FASTCLASS_DEVICE", help="Where to train [env FASTCLASS_DEVICE].")
 @click.option("--cache/--no-cache", default=None,
               help="Decode and presize every image once into cache/ beside runs/ [default: on with a GPU].")
+@click.option("--nproc", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Processes (one per GPU) for distributed data-parallel training, launched with torchrun.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_options
 def train(opts: Options, snapshot_name: str, arch: str, pretrained: bool, weights_file: Path | None, epochs: int,
           freeze_epochs: int, lr_text: str, lr_mult: float, fp16: bool | None, size: int, sizes: str | None,
           halve_bs: bool, presize: int | None, no_flip: bool, bs: int, workers: int | None, tta: bool, seed: int,
-          device: str, cache: bool | None, as_json: bool) -> None:
+          device: str, cache: bool | None, nproc: int, as_json: bool) -> None:
     """Fine-tune a CNN on a snapshot; the run and every epoch are recorded in the catalog."""
     if weights_file is not None and not pretrained:
         raise click.UsageError("--weights and --no-pretrained contradict each other")
@@ -827,8 +830,14 @@ def train(opts: Options, snapshot_name: str, arch: str, pretrained: bool, weight
     weights = str(weights_file.resolve()) if weights_file else PRETRAINED if pretrained else NO_WEIGHTS
     config = TrainConfig(snapshot_name, arch, weights, epochs, freeze_epochs, _parse_lr(lr_text), lr_mult, fp16,
                          _parse_sizes(size, sizes), presize, halve_bs, not no_flip, bs, workers, tta, seed, device, cache)
-    update, finish = progress_reporter(opts, "Training")
-    talk = not (as_json or opts.quiet)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        config.check(nproc)
+        _launch_processes(click.get_current_context(), opts, nproc)
+        return
+    # Under torchrun only the first process reports; the others train their share of each batch.
+    rank = int(os.environ.get("RANK", 0))
+    update, finish = progress_reporter(opts, "Training") if rank == 0 else (None, lambda: None)
+    talk = not (as_json or opts.quiet) and rank == 0
 
     def on_start(result) -> None:
         if talk:
@@ -853,12 +862,36 @@ def train(opts: Options, snapshot_name: str, arch: str, pretrained: bool, weight
                                     TrainHooks(update, on_start, on_lr, on_epoch))
     finally:
         finish()
+    if rank:
+        return
     if as_json:
         echo_json(result.as_dict())
         return
     tta_text = f", TTA accuracy {result.tta_accuracy:.4f}" if result.tta_accuracy is not None else ""
     click.echo(f"Run {result.run_id} done in {result.seconds:.1f} s: valid loss {_fmt(result.valid_loss)}, "
                f"accuracy {_fmt(result.accuracy)}{tta_text}; model {result.artifact_dir / 'export.pkl'}")
+
+
+def _launch_processes(ctx: click.Context, opts: Options, nproc: int) -> None:
+    """Run this same train command in nproc processes under torchrun (one machine); exit with its status."""
+    import subprocess
+
+    args = ["--catalog", opts.location] + (["-v"] if opts.verbose else ["-q"] if opts.quiet else []) + ["train"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == "nproc" or value is None or not isinstance(param, click.Option):
+            continue
+        if param.is_flag and param.secondary_opts:
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.is_flag:
+            if value:
+                args.append(param.opts[0])
+        else:
+            args += [param.opts[0], str(value.resolve() if isinstance(value, Path) else value)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "fastclass", *args]
+    log.debug("launching: %s", " ".join(command))
+    ctx.exit(subprocess.run(command).returncode)
 
 
 @cli.group(invoke_without_command=True)

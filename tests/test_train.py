@@ -379,6 +379,32 @@ def test_ctrl_c_marks_the_run_interrupted(tmp_path):
         ("interrupted", "interrupted (Ctrl-C)")]
 
 
+@pytest.mark.slow
+def test_two_processes_train_one_run_recorded_once(tmp_path):
+    """DistributedDataParallel over gloo on the CPU: torchrun starts two processes, only the first records."""
+    location = digits_catalog(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "fastclass", "--catalog", location, "train", "--snapshot", "digits",
+                             *TINY, "--nproc", "2", "--json"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads(result.stdout[result.stdout.index("{"):])
+    assert sqlite_rows(location, "SELECT id, status, device FROM runs") == [
+        (run["run_id"], "done", run["device"])]
+    assert run["device"].endswith(" x 2 processes")
+    assert [(e[0], e[1]) for e in epoch_rows(location, run["run_id"])] == [(0, "frozen"), (1, "unfrozen")]
+    config = json.loads((Path(run["artifact_dir"]) / "config.json").read_text())
+    assert config["processes"] == 2 and (Path(run["artifact_dir"]) / "export.pkl").exists()
+    with open(Path(run["artifact_dir"]) / "metrics.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+    # The validation metrics are gathered from both processes: accuracy counts all 12 valid images.
+    valid = sqlite_rows(location, "SELECT count(*) FROM snapshot_items WHERE is_valid")[0][0]
+    for *_, accuracy, _, _ in epoch_rows(location, run["run_id"]):
+        assert round(accuracy * valid) == pytest.approx(accuracy * valid, abs=1e-4)
+    refused = run_cli(["train", "--snapshot", "digits", *TINY, "--lr", "auto", "--nproc", "2"], location)
+    assert refused.exit_code == 1 and refused.stderr == (
+        "Error: --lr auto runs lr_find in one process: find the rate with a one-process run (or give --lr) and "
+        "train with several processes after\n")
+
+
 @pytest.mark.postgres
 def test_train_interpret_and_clean_order_on_postgres(pg_database, tmp_path):
     digits_catalog(tmp_path, location=pg_database)

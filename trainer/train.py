@@ -23,6 +23,7 @@ from fastclass.errors import FastclassError
 from fastclass.store import ImageStore
 from trainer.archs import PRETRAINED, build_body, get_arch
 from trainer.data import build_dataloaders, presize_cache, presize_for, snapshot_data
+from trainer.distributed import data_parallel, process_group, rank0_first
 from trainer.runs import EXPORT_NAME, EpochRow, finish_run, record_epoch, start_run, write_config
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,11 @@ class TrainConfig:
     device: str = "auto"
     cache: bool | None = None
 
-    def check(self) -> None:
+    def check(self, processes: int = 1) -> None:
+        """Refuse what cannot work, before anything is loaded (`processes`: the size of a multi-process run)."""
+        if processes > 1 and self.lr is None:
+            raise FastclassError("--lr auto runs lr_find in one process: find the rate with a one-process run "
+                                 "(or give --lr) and train with several processes after")
         if self.epochs < 0 or self.freeze_epochs < 0 or self.epochs + self.freeze_epochs == 0:
             raise FastclassError("--epochs and --freeze-epochs cannot be negative, and at least one must be above 0")
         if not self.sizes or any(s < 8 for s in self.sizes):
@@ -74,7 +79,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    run_id: int
+    run_id: int | None
     snapshot: str
     arch: str
     artifact_dir: Path
@@ -98,14 +103,17 @@ class TrainResult:
 
 
 def resolve_device(name: str):
+    """The torch device; under a multi-process launch each process takes the GPU of its LOCAL_RANK."""
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise FastclassError("--device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                              "use --device cpu or auto")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
 
 
 def _finite(value) -> float | None:
@@ -116,9 +124,9 @@ def _finite(value) -> float | None:
 class _Tracker:
     """What the epoch callback needs across phases: the run, counters, and the caller's callbacks."""
 
-    def __init__(self, session: Session, run, total_epochs: int, progress, on_epoch) -> None:
+    def __init__(self, session: Session, run, total_epochs: int, progress, on_epoch, world: int) -> None:
         self.session, self.run, self.total_epochs = session, run, total_epochs
-        self.progress, self.on_epoch = progress, on_epoch
+        self.progress, self.on_epoch, self.world = progress, on_epoch, world
         self.rows: list[EpochRow] = []
 
     def report(self, fraction: float, detail: str) -> None:
@@ -127,7 +135,9 @@ class _Tracker:
             self.progress(min(done, self.total_epochs * PROGRESS_STEPS), self.total_epochs * PROGRESS_STEPS, detail)
 
     def add(self, row: EpochRow) -> None:
-        record_epoch(self.session, self.run, row)
+        # Only the first process of a multi-process run records; the others train their share in silence.
+        if self.run is not None:
+            record_epoch(self.session, self.run, row)
         self.rows.append(row)
         if self.on_epoch is not None:
             self.on_epoch(row)
@@ -162,7 +172,7 @@ def _epoch_callback(tracker: _Tracker, phase: str, size: int):
             train_loss, valid_loss, error, acc = (list(self.recorder.values[-1]) + [math.nan] * 4)[:4]
             tracker.add(EpochRow(len(tracker.rows), phase, size, _finite(train_loss), _finite(valid_loss),
                                  _finite(error), _finite(acc), round(time.monotonic() - self.started, 3),
-                                 round(self.images / max(self.train_seconds, 1e-9), 1)))
+                                 round(tracker.world * self.images / max(self.train_seconds, 1e-9), 1)))
 
     return EpochRecorder()
 
@@ -184,12 +194,13 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
     Everything that can be refused (unknown snapshot or arch, missing files, unreachable weights, no GPU)
     is checked before a run row exists or any data is loaded.
     """
-    config.check()
+    device = resolve_device(config.device)
+    cuda = device.type == "cuda"
+    rank, world = process_group(cpu=not cuda)
+    config.check(world)
     data = snapshot_data(session, store, config.snapshot)
     snapshot_id = session.scalar(select(Snapshot.id).where(Snapshot.name == config.snapshot))
     spec = get_arch(config.arch)
-    device = resolve_device(config.device)
-    cuda = device.type == "cuda"
     fp16 = cuda if config.fp16 is None else config.fp16
     if fp16 and not cuda:
         raise FastclassError("--fp16 needs a CUDA GPU; on the CPU train with --no-fp16 (the default there)")
@@ -204,24 +215,28 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
     resolved = {**asdict(config), "sizes": list(config.sizes), "device": str(device), "fp16": fp16,
                 "workers": workers, "cache": cached, "weights_loaded": body.weights, "stats": list(spec.stats), "labels": data.vocab,
                 "presizes": [presize_for(s, config.presize) for s in config.sizes],
-                "train_images": data.train_count, "valid_images": data.valid_count}
-    device_name = _device_name(device)
-    run = start_run(session, snapshot_id, spec.name, resolved, device_name, runs_root)
+                "train_images": data.train_count, "valid_images": data.valid_count, "processes": world}
+    device_name = _device_name(device) + (f" x {world} processes" if world > 1 else "")
+    run = start_run(session, snapshot_id, spec.name, resolved, device_name, runs_root) if rank == 0 else None
     started = time.monotonic()
-    result = TrainResult(run.id, config.snapshot, spec.name, Path(run.artifact_dir), device_name, body.weights, config.lr or 0.0,
+    result = TrainResult(run.id if run else None, config.snapshot, spec.name,
+                         Path(run.artifact_dir if run else runs_root), device_name, body.weights, config.lr or 0.0,
                          config.lr is None, data.train_count, data.valid_count, data.vocab)
     hooks = hooks or TrainHooks()
     if hooks.on_start is not None:
         hooks.on_start(result)
     total_epochs = config.freeze_epochs + config.epochs * len(config.sizes)
-    tracker = _Tracker(session, run, total_epochs, hooks.progress, hooks.on_epoch)
+    tracker = _Tracker(session, run, total_epochs, hooks.progress, hooks.on_epoch, world)
 
     def dataloaders(size: int, bs: int, from_cache: bool = cached):
-        cache = presize_cache(data, presize_for(size, config.presize), runs_root.parent / CACHE_DIR) if from_cache else None
+        cache = None
+        if from_cache:
+            cache = rank0_first(world, rank, lambda: presize_cache(data, presize_for(size, config.presize),
+                                                                    runs_root.parent / CACHE_DIR))
         return build_dataloaders(data, size, config.presize, bs, workers, config.flip, spec.stats, device, cache)
 
     try:
-        learn = _learner(dataloaders(config.sizes[0], config.bs), data, spec, body, run.artifact_dir, device)
+        learn = _learner(dataloaders(config.sizes[0], config.bs), data, spec, body, result.artifact_dir, device)
         if fp16:
             learn.to_fp16()
         learn.freeze()
@@ -232,7 +247,41 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
             resolved["lr_found"] = result.lr
             write_config(run, resolved)
             session.commit()
-        lr = result.lr
+        bs = _fit_phases(learn, config, result.lr, tracker, dataloaders, distributed=world > 1, cuda=cuda)
+        result.epochs = tracker.rows
+        last = tracker.rows[-1]
+        result.valid_loss, result.accuracy = last.valid_loss, last.accuracy
+        if rank == 0:
+            if config.tta:
+                preds, targets = learn.tta(dl=learn.dls.valid)
+                result.tta_accuracy = float((preds.argmax(dim=1) == targets).float().mean())
+            learn.to_fp32()
+            if cached:
+                # The exported model must read files (predict, interpret), not this run's cache.
+                learn.dls = dataloaders(config.sizes[-1], bs, from_cache=False)
+            learn.export(EXPORT_NAME)
+    except KeyboardInterrupt:
+        if run is not None:
+            finish_run(session, run.id, RunStatus.INTERRUPTED, error="interrupted (Ctrl-C)")
+        raise
+    except BaseException as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if run is not None:
+            finish_run(session, run.id, RunStatus.FAILED, error=f"{type(exc).__name__}: {first}"[:1000])
+        raise
+    result.seconds = round(time.monotonic() - started, 1)
+    if run is not None:
+        finish_run(session, run.id, RunStatus.DONE, valid_loss=result.valid_loss, accuracy=result.accuracy,
+                   tta_accuracy=result.tta_accuracy)
+    return result
+
+
+def _fit_phases(learn, config: TrainConfig, lr: float, tracker: _Tracker, dataloaders, distributed: bool,
+                cuda: bool) -> int:
+    """The frozen phase, then the unfrozen phase at each size; returns the last batch size."""
+    import contextlib
+
+    with data_parallel(learn, cuda) if distributed else contextlib.nullcontext():
         if config.freeze_epochs:
             learn.fit_one_cycle(config.freeze_epochs, lr, pct_start=0.99,
                                 cbs=[_epoch_callback(tracker, "frozen", config.sizes[0])])
@@ -246,28 +295,7 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
             if config.epochs:
                 learn.fit_one_cycle(config.epochs, slice(lr / config.lr_mult, lr), pct_start=0.3,
                                     cbs=[_epoch_callback(tracker, "unfrozen", size)])
-        result.epochs = tracker.rows
-        last = tracker.rows[-1]
-        result.valid_loss, result.accuracy = last.valid_loss, last.accuracy
-        if config.tta:
-            preds, targets = learn.tta(dl=learn.dls.valid)
-            result.tta_accuracy = float((preds.argmax(dim=1) == targets).float().mean())
-        learn.to_fp32()
-        if cached:
-            # The exported model must read files (predict, interpret), not this run's cache.
-            learn.dls = dataloaders(config.sizes[-1], bs, from_cache=False)
-        learn.export(EXPORT_NAME)
-    except KeyboardInterrupt:
-        finish_run(session, run.id, RunStatus.INTERRUPTED, error="interrupted (Ctrl-C)")
-        raise
-    except BaseException as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        finish_run(session, run.id, RunStatus.FAILED, error=f"{type(exc).__name__}: {first}"[:1000])
-        raise
-    result.seconds = round(time.monotonic() - started, 1)
-    finish_run(session, run.id, RunStatus.DONE, valid_loss=result.valid_loss, accuracy=result.accuracy,
-               tta_accuracy=result.tta_accuracy)
-    return result
+    return bs
 
 
 def _learner(dls, data, spec, body, path: str, device):
