@@ -66,6 +66,7 @@ class CrawlJob(Base):
     """One run of a crawl for one class; counts and timings are filled in as it goes."""
 
     __tablename__ = "crawl_jobs"
+    __table_args__ = (Index("ix_crawl_jobs_status_id", "status", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     query: Mapped[str] = mapped_column(Text)
@@ -83,6 +84,11 @@ class CrawlJob(Base):
     finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
     last_error: Mapped[Optional[str]] = mapped_column(Text)
     engine_stats: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+    # Queued jobs (`crawl --queue`) are claimed by `fastclass worker`s, which hold them by a lease they renew;
+    # a job whose lease ran out (its worker died) is claimed again.
+    worker: Mapped[Optional[str]] = mapped_column(String(200))
+    lease_until: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Image(Base):

@@ -501,12 +501,14 @@ def _parse_bytes(text: str) -> int:
               help="Retries after 429/503 (honouring Retry-After) and connection errors.")
 @click.option("--max-failures", type=click.IntRange(1), default=30, show_default=True,
               help="Stop an engine after this many downloads in a row failed.")
+@click.option("--queue", "enqueue", is_flag=True,
+              help="Only queue the job(s), for `fastclass worker`s on any machine to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job record(s) as JSON.")
 @pass_options
 def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[str, ...], max_new: int,
           min_size: str | None, threads: int, per_host: int, filters: tuple[str, ...], pages: tuple[str, ...],
           urls_file: Path | None, engine_urls: tuple[str, ...], from_csv: Path | None, resume: bool, timeout: float,
-          max_bytes: str, retries: int, max_failures: int, as_json: bool) -> None:
+          max_bytes: str, retries: int, max_failures: int, enqueue: bool, as_json: bool) -> None:
     """Crawl web images for one class (QUERY), every class of a CSV (--from), or unfinished crawls (--resume)."""
     from fastclass.crawl import (
         CrawlOptions,
@@ -522,6 +524,8 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
 
     if sum(bool(x) for x in (query, from_csv, resume)) > 1:
         raise click.UsageError("give one of QUERY, --from FILE.csv or --resume")
+    if enqueue and resume:
+        raise click.UsageError("--queue and --resume cannot be used together (workers retry queued jobs themselves)")
     engine_list = list(engines) or (["greedy"] if pages else ["urls"] if urls_file else list(DEFAULT_ENGINES))
     if not (query or from_csv or resume or pages or urls_file):
         raise click.UsageError("give a QUERY, --from FILE.csv, --resume, --url PAGE or --urls FILE")
@@ -556,6 +560,11 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
                 raise click.UsageError("--label is needed when there is no QUERY")
             planned = [(None, options_for(text, name))]
         log_dir = catalog.store.root.parent / "logs"
+        if enqueue:
+            from fastclass.crawl_queue import enqueue_crawl
+
+            queued = [(enqueue_crawl(session, options), options) for _, options in planned]
+            planned = []
         for resumed_from, options in planned:
             update, finish = progress_reporter(opts, f"Crawling {options.label}")
             try:
@@ -564,7 +573,12 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
                 finish()
             if not as_json:
                 _echo_crawl(reports[-1], options.max_new)
-    if as_json:
+    if enqueue:
+        if as_json:
+            echo_json([{"id": job_id, "label": o.label, "query": o.query, "status": "queued"} for job_id, o in queued])
+        for job_id, options in [] if as_json else queued:
+            click.echo(f"Queued crawl job {job_id}: {options.label}" + (f" ({options.query!r})" if options.query else ""))
+    elif as_json:
         echo_json(reports[0].as_dict() if len(reports) == 1 and not (from_csv or resume)
                   else [r.as_dict() for r in reports])
     if bad_rows:
@@ -604,10 +618,45 @@ def jobs(opts: Options, limit: int | None, as_json: bool) -> None:
     if not rows:
         click.echo("No crawl jobs yet.")
     for row in rows:
+        worker = f"  worker {row['worker']} (attempt {row['attempts']})" if row["worker"] else ""
         click.echo(f"{row['id']:5d} {row['status']:11s} {str(row['label'])[:24]:24s} new {row['new']:5d}/"
                    f"{row['max'] or '?'}  found {row['found']:5d}  dupes {row['exact_duplicates']:4d}  "
-                   f"rejected {row['rejected']:4d}  [{row['engines']}] {row['started_at']:%Y-%m-%d %H:%M}"
+                   f"rejected {row['rejected']:4d}  [{row['engines']}] {row['started_at']:%Y-%m-%d %H:%M}{worker}"
                    + (f"\n      last error: {row['last_error']}" if row['last_error'] else ""))
+
+
+@cli.command()
+@click.option("--concurrency", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Crawl jobs run at once by this worker.")
+@click.option("--name", metavar="NAME", help="This worker's name in `fastclass jobs` [default: host:pid].")
+@click.option("--lease", type=click.FloatRange(3), default=60.0, show_default=True,
+              help="Seconds a job stays claimed without a heartbeat before another worker may take it over.")
+@click.option("--poll", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              help="Seconds between looks at an empty queue.")
+@click.option("--until-empty", is_flag=True, help="Stop when no job is queued or running anywhere.")
+@click.option("--json", "as_json", is_flag=True, help="At the end, print the jobs this worker ran as JSON.")
+@pass_options
+def worker(opts: Options, concurrency: int, name: str | None, lease: float, poll: float, until_empty: bool,
+           as_json: bool) -> None:
+    """Run queued crawl jobs (`crawl --queue`) from the catalog; start any number, on any machine."""
+    from fastclass.crawl_queue import run_worker
+
+    def on_job(report) -> None:
+        if not as_json:
+            click.echo(f"Crawl job {report.job_id} {report.status}: {report.label}: {report.new_images} new, "
+                       f"{report.exact_duplicates} already known, {sum(report.rejected.values())} rejected, "
+                       f"{sum(report.failed.values())} failed; {report.seconds:.1f} s")
+
+    catalog = opts.open()
+    try:
+        result = run_worker(catalog, catalog.store.root.parent / "logs", name, concurrency, lease, poll,
+                            until_empty, on_job)
+    finally:
+        catalog.close()
+    if as_json:
+        echo_json(result.as_dict())
+    for message in result.errors:
+        click.echo(f"Warning: {message}", err=True)
 
 
 @cli.command()

@@ -48,6 +48,7 @@ from fastclass.ingest import (
     insert_rows,
     is_recorded_in,
     reason_kind,
+    serialize_writes,
 )
 from fastclass.labels import label_ids, normalize_label
 from fastclass.store import ImageStore, StoredFile, pid_alive
@@ -556,6 +557,7 @@ class Crawler:
     def _add_sources(self, reused: list[tuple[str, Hit]], engine: str, report: CrawlReport,
                      stats: EngineStats) -> None:
         """This label as a source of images fetched before (maybe for another label): no download."""
+        serialize_writes(self.session)
         ids = ids_by_sha256(self.session, [sha for sha, _ in reused])
         existing = set(self.session.execute(select(Source.image_id, Source.uri).where(
             Source.label_id == self.label_id, Source.image_id.in_(set(ids.values())))).all())
@@ -619,6 +621,7 @@ class Crawler:
         rows = list({row["url_hash"]: row for row in (
             _fetched_row(o, "ok" if o.prepared else "retry" if not o.permanent else "rejected" if o.rejected
                          else "failed", self.job_id) for o in batch + failures)}.values())
+        serialize_writes(self.session)
         if rows:
             self.session.execute(delete(FetchedUrl).where(FetchedUrl.url_hash.in_([r["url_hash"] for r in rows])))
             insert_rows(self.session, FetchedUrl.__table__, rows)
@@ -693,16 +696,27 @@ def check_options(options: CrawlOptions) -> None:
                                    Path(options.urls_file) if options.urls_file else None))
 
 
-def run_crawl(session: Session, store: ImageStore, options: CrawlOptions, log_dir: Path,
-              progress: Callable[[int, int, str], None] | None = None, resumed_from: int | None = None) -> CrawlReport:
-    """Crawl one class into the catalog; the job row records the run whatever happens."""
-    check_options(options)
-    label_id = label_ids(session, [options.label])[options.label]
+def job_params(options: CrawlOptions, resumed_from: int | None = None) -> str:
+    """A job's params: its options, plus where it runs (so a dead job can be told from a running one)."""
     params = json.loads(options.to_json())
     params.update({"host": socket.gethostname(), "pid": os.getpid(), "resumed_from": resumed_from})
-    job = CrawlJob(query=options.query, label_id=label_id, engines=",".join(options.engines),
-                   params=json.dumps(params, sort_keys=True), status="running")
-    session.add(job)
+    return json.dumps(params, sort_keys=True)
+
+
+def run_crawl(session: Session, store: ImageStore, options: CrawlOptions, log_dir: Path,
+              progress: Callable[[int, int, str], None] | None = None, resumed_from: int | None = None,
+              job_id: int | None = None) -> CrawlReport:
+    """Crawl one class into the catalog; the job row records the run whatever happens. With job_id, the
+    run is that existing (queued and claimed) job's; else a new job row is made."""
+    check_options(options)
+    label_id = label_ids(session, [options.label])[options.label]
+    if job_id is None:
+        job = CrawlJob(query=options.query, label_id=label_id, engines=",".join(options.engines),
+                       params=job_params(options, resumed_from), status="running")
+        session.add(job)
+    else:
+        job = session.get(CrawlJob, job_id)
+        job.params = job_params(options, resumed_from)
     session.commit()
     report = CrawlReport(job.id, options.query, options.label)
     crawler = Crawler(session, store, options, log_dir, progress)
@@ -755,6 +769,7 @@ def list_jobs(session: Session, limit: int | None = None) -> list[dict]:
             status = "interrupted"
         seconds = (job.finished_at - job.started_at).total_seconds() if job.finished_at else None
         rows.append({"id": job.id, "query": job.query, "label": names.get(job.label_id), "engines": job.engines,
+                     "worker": job.worker, "attempts": job.attempts,
                      "status": status, "found": job.found, "downloaded": job.downloaded, "new": job.new_images,
                      "exact_duplicates": job.exact_duplicates, "rejected": job.rejected,
                      "reasons": json.loads(job.reject_reasons or "{}"),
@@ -779,7 +794,9 @@ def jobs_to_resume(session: Session) -> list[tuple[int, CrawlOptions]]:
     todo = []
     for job in latest.values():
         params = json.loads(job.params or "{}")
-        unfinished = job.status == "interrupted" or (job.status == "running" and not _alive(params))
+        # Queued jobs are the workers' to retry (see fastclass/crawl_queue.py), not --resume's.
+        unfinished = job.worker is None and (
+            job.status == "interrupted" or (job.status == "running" and not _alive(params)))
         if unfinished:
             todo.append((job.id, CrawlOptions.from_json(job.params)))
     return todo

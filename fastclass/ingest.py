@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from PIL import Image, ImageFile
-from sqlalchemy import Table, insert, select, tuple_
+from sqlalchemy import Table, insert, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
@@ -164,11 +164,25 @@ def prepare_bytes(data: bytes, store: ImageStore, max_pixels: int = DEFAULT_MAX_
     return facts, store.put(facts.sha256, facts.ext, data)
 
 
+# Any constant: the advisory lock that writers of images, sources and the fetch log take turns on.
+WRITE_LOCK_KEY = 0x6661737463  # "fastc"
+
+
+def serialize_writes(session: Session) -> None:
+    """Take turns with other processes writing this catalog until the transaction ends, so that the
+    look-up-then-insert of images, sources and fetched URLs never races (two crawl workers that find the
+    same image). PostgreSQL: a transaction-scoped advisory lock. SQLite needs none: the first write of a
+    transaction takes the database's one write lock."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK_KEY})
+
+
 def record_batch(session: Session, items: Sequence[PreparedImage]) -> RecordResult:
     """Insert rows for prepared images in bulk: new images with their hashes, and one source per new provenance."""
     result = RecordResult()
     if not items:
         return result
+    serialize_writes(session)
     labels = label_ids(session, {item.label for item in items})
     shas = list(dict.fromkeys(item.facts.sha256 for item in items))
     ids = ids_by_sha256(session, shas)
