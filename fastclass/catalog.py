@@ -16,7 +16,7 @@ from db.engine import display_url
 from db.models import Setting
 from fastclass.errors import FastclassError
 from fastclass.ingest import is_recorded_in
-from fastclass.store import ImageStore, StoreError
+from fastclass.store import ImageStore, S3ImageStore, StoreError, open_store
 
 DEFAULT_CATALOG = "fastclass.db"
 DEFAULT_STORE = "images"
@@ -46,7 +46,14 @@ def _base_dir(location: str) -> Path:
 class Catalog:
     location: str
     engine: Engine
-    store: ImageStore
+    store: ImageStore | S3ImageStore
+
+    @property
+    def work_dir(self) -> Path:
+        """Where logs/, runs/ and cache/ go: beside a local store, else beside the catalog (file or cwd)."""
+        if isinstance(self.store, ImageStore):
+            return self.store.root.parent
+        return _base_dir(self.location)
 
     @property
     def display(self) -> str:
@@ -64,7 +71,7 @@ class Catalog:
 @dataclass
 class InitResult:
     location: str
-    store: Path
+    store: Path | str
     created: bool
     upgraded: bool
 
@@ -102,7 +109,7 @@ def init_catalog(location: str, store: str | None = None) -> InitResult:
                 )
             root = configured.value if configured else root
         store_path = _resolve_store(location, root)
-        ImageStore(store_path).create()
+        open_store(str(store_path)).create()
     except StoreError as exc:
         raise FastclassError(str(exc)) from exc
     except SQLAlchemyError as exc:
@@ -115,13 +122,17 @@ def init_catalog(location: str, store: str | None = None) -> InitResult:
 
 def _store_setting(location: str, store: str) -> str:
     # A path relative to the catalog file is kept relative, so the catalog and its store can move together.
+    if store.startswith("s3://"):
+        return store.rstrip("/")
     path = Path(store).expanduser()
     if is_url(location) and not path.is_absolute():
         return str(path.resolve())
     return str(path)
 
 
-def _resolve_store(location: str, value: str) -> Path:
+def _resolve_store(location: str, value: str) -> Path | str:
+    if value.startswith("s3://"):
+        return value
     path = Path(value).expanduser()
     return path if path.is_absolute() else (_base_dir(location) / path).resolve()
 
@@ -143,7 +154,7 @@ def open_catalog(location: str) -> Catalog:
             setting = session.execute(select(Setting.value).where(Setting.key == STORE_SETTING)).scalar()
             if setting is None:
                 raise FastclassError(f"catalog {_shown(location)} has no image store set; run `fastclass init`")
-            store = ImageStore(_resolve_store(location, setting))
+            store = open_store(str(_resolve_store(location, setting)))
             store.check()
             store.clear_stale_temp(is_recorded_in(session))
     except StoreError as exc:

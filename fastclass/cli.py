@@ -127,7 +127,8 @@ def echo_json(data) -> None:
 
 
 @cli.command()
-@click.option("--store", metavar="DIR", help="Image store folder [default: images/ beside the catalog].")
+@click.option("--store", metavar="DIR|s3://BUCKET/PREFIX",
+              help="Image store: a folder, or S3-compatible storage [default: images/ beside the catalog].")
 @pass_options
 def init(opts: Options, store: str | None) -> None:
     """Create a catalog, or upgrade an older one to this version's schema."""
@@ -559,7 +560,7 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
             if name is None:
                 raise click.UsageError("--label is needed when there is no QUERY")
             planned = [(None, options_for(text, name))]
-        log_dir = catalog.store.root.parent / "logs"
+        log_dir = catalog.work_dir / "logs"
         if enqueue:
             from fastclass.crawl_queue import enqueue_crawl
 
@@ -649,7 +650,7 @@ def worker(opts: Options, concurrency: int, name: str | None, lease: float, poll
 
     catalog = opts.open()
     try:
-        result = run_worker(catalog, catalog.store.root.parent / "logs", name, concurrency, lease, poll,
+        result = run_worker(catalog, catalog.work_dir / "logs", name, concurrency, lease, poll,
                             until_empty, on_job)
     finally:
         catalog.close()
@@ -795,7 +796,7 @@ def _echo_prune(result) -> None:
 
 
 def _runs_root(catalog) -> Path:
-    return catalog.store.root.parent / "runs"
+    return catalog.work_dir / "runs"
 
 
 def _parse_sizes(size: int, sizes: str | None) -> tuple[int, ...]:

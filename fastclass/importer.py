@@ -22,7 +22,7 @@ from fastclass.ingest import (
     read_capped,
 )
 from fastclass.labels import normalize_label
-from fastclass.store import ImageStore, StoreError
+from fastclass.store import ImageStore, S3ImageStore, StoreError
 from fastclass.workers import map_in_workers
 
 BATCH_SIZE = 500
@@ -50,7 +50,7 @@ class ImportResult:
 class _Task:
     path: str
     label: str
-    store_root: str
+    store: ImageStore | S3ImageStore
     max_bytes: int
 
 
@@ -86,7 +86,7 @@ def list_import_files(root: Path, label: str | None) -> tuple[list[tuple[Path, s
 def _prepare(task: _Task) -> tuple[_Task, PreparedImage | None, str | None]:
     try:
         data = read_capped(Path(task.path), task.max_bytes)
-        facts, stored = prepare_bytes(data, ImageStore(Path(task.store_root)))
+        facts, stored = prepare_bytes(data, task.store)
     except NotAnImage as exc:
         return task, None, str(exc)
     except OSError as exc:
@@ -106,7 +106,7 @@ def import_folder(session: Session, store: ImageStore, root: Path, label: str | 
     store.check()
     pairs, skipped = list_import_files(root.resolve(), label)
     result = ImportResult(files=len(pairs) + sum(skipped.values()), skipped=skipped)
-    tasks = [_Task(str(path), lab, str(store.root), max_bytes) for path, lab in pairs]
+    tasks = [_Task(str(path), lab, store, max_bytes) for path, lab in pairs]
     workers = workers or os.cpu_count() or 1
     batch: list[PreparedImage] = []
     try:

@@ -292,10 +292,11 @@ def export_snapshot(session: Session, store: ImageStore, name: str, directory: P
         raise FastclassError(f"{directory} already exists and is not an empty folder; export into a new folder")
     if not directory.parent.is_dir():
         raise FastclassError(f"folder {directory.parent} does not exist")
-    missing = [item for item in items if not store.exists(item.store_path)]
+    missing = store.missing(item.store_path for item in items)
     if missing:
         raise FastclassError(f"{len(missing)} file(s) of snapshot {name!r} are missing from the store "
-                             f"{store.root} (first: {missing[0].store_path}); restore the store")
+                             f"{store.root} (first: {missing[0]}); restore the store")
+    store.fetch(item.store_path for item in items)
     partial = directory.parent / f".{directory.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     result = ExportResult(name, directory, fmt)

@@ -32,7 +32,7 @@ class StoredFile:
 
     sha256: str
     relpath: str
-    temp: Path | None
+    temp: Path | str | None
 
 
 def relpath_for(sha256: str, ext: str) -> str:
@@ -79,13 +79,30 @@ def pid_alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2:][:1] != "Z"
 
 
+def temp_name(sha256: str, host: str) -> str:
+    """The name of a write's temp twin (or marker): whose it is, so that a dead writer's can be cleared."""
+    return f"{sha256}.{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+def parse_temp_name(name: str) -> tuple[str, str, int]:
+    """(sha256, host, pid) of a temp name; pid -1 for a name that is not ours."""
+    parts = name.split(".")
+    if len(parts) >= 4 and len(parts[0]) == 64 and parts[2].isdigit():
+        return parts[0], parts[1], int(parts[2])
+    return "", "", -1
+
+
+def host_name() -> str:
+    return socket.gethostname().replace(".", "_") or "host"
+
+
 class ImageStore:
     """A local (or network-mounted) folder holding image bytes by content hash."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.temp_dir = self.root / TEMP_DIR
-        self._host = socket.gethostname().replace(".", "_") or "host"
+        self._host = host_name()
 
     def create(self) -> None:
         try:
@@ -103,11 +120,17 @@ class ImageStore:
     def exists(self, relpath: str) -> bool:
         return (self.root / relpath).exists()
 
+    def missing(self, relpaths: Iterable[str]) -> list[str]:
+        return [rel for rel in relpaths if not (self.root / rel).exists()]
+
+    def fetch(self, relpaths: Iterable[str]) -> None:
+        """Nothing to do: the files are local (an S3 store downloads them here)."""
+
     def put(self, sha256: str, ext: str, data: bytes) -> StoredFile:
         """Place bytes at their content address; the returned temp twin must be released after commit."""
         rel = relpath_for(sha256, ext)
         final = self.root / rel
-        temp = self.temp_dir / f"{sha256}.{self._host}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        temp = self.temp_dir / temp_name(sha256, self._host)
         try:
             _write_new(temp, data)
             try:
@@ -167,14 +190,7 @@ class ImageStore:
         """(path, sha256, host, pid) of each temp file; pid -1 for a name that is not ours."""
         if not self.temp_dir.is_dir():
             return []
-        entries = []
-        for temp in self.temp_dir.iterdir():
-            parts = temp.name.split(".")
-            if len(parts) >= 4 and len(parts[0]) == 64 and parts[2].isdigit():
-                entries.append((temp, parts[0], parts[1], int(parts[2])))
-            else:
-                entries.append((temp, "", "", -1))
-        return entries
+        return [(temp, *parse_temp_name(temp.name)) for temp in self.temp_dir.iterdir()]
 
     def _held_by_live_writers(self) -> set[str]:
         return {sha for temp, sha, host, pid in self._temp_entries()
@@ -189,3 +205,169 @@ class ImageStore:
             if sub.is_dir() and sub.name != TEMP_DIR and len(sub.name) == 2:
                 for f in sorted(sub.iterdir()):
                     yield f"{sub.name}/{f.name}"
+
+
+S3_MARKER = ".fastclass-store"
+
+
+class S3ImageStore:
+    """The store on S3-compatible object storage: s3://bucket/prefix/ab/<sha256>.<ext>.
+
+    Credentials and endpoint come from the standard AWS environment and config (AWS_ENDPOINT_URL for a
+    non-AWS service). A write puts an empty marker object under .tmp/ (named like a local temp twin: sha256,
+    host, pid), then the image object (an S3 PUT is atomic: readers see all of it or nothing), and the marker
+    is removed once the catalog row is committed. So, as in a local store, an image object without its row
+    always has a marker, and `clear_stale_temp` removes both for writers that died on this host. Decoding
+    and training read through a local cache of the objects (they never change: the cache cannot go stale).
+    """
+
+    def __init__(self, url: str, cache_dir: Path | None = None) -> None:
+        self.root = url.rstrip("/")
+        self.key = self.root[len("s3://"):]
+        if not self.key or self.key.startswith("/"):
+            raise StoreError(f"{url!r} is not an S3 location; use s3://bucket/prefix")
+        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        self.cache = cache_dir or cache_home / "fastclass" / "s3" / self.key
+        self._host = host_name()
+        self._fs = None
+
+    def __getstate__(self) -> dict:
+        # Each worker process opens its own connection pool.
+        return {**self.__dict__, "_fs": None}
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            try:
+                import s3fs
+            except ImportError as exc:
+                raise StoreError("an s3:// image store needs s3fs: pip install 'fastclass[s3]'") from exc
+            # No listing cache: other workers add and remove objects all the time.
+            self._fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+        return self._fs
+
+    def _object(self, relpath: str) -> str:
+        return f"{self.key}/{relpath}"
+
+    def _fail(self, what: str, exc: Exception) -> StoreError:
+        return StoreError(f"cannot {what} image store {self.root}: {type(exc).__name__}: "
+                          f"{(str(exc).splitlines() or [''])[0][:200]}")
+
+    def create(self) -> None:
+        bucket = self.key.split("/", 1)[0]
+        try:
+            if not self.fs.exists(bucket):
+                self.fs.mkdir(bucket)
+            self.fs.pipe(self._object(S3_MARKER), b"fastclass image store\n")
+        except Exception as exc:  # botocore and aiohttp raise many kinds; all mean "cannot use it"
+            raise self._fail("create", exc) from exc
+
+    def check(self) -> None:
+        try:
+            found = self.fs.exists(self._object(S3_MARKER))
+        except Exception as exc:
+            raise self._fail("reach", exc) from exc
+        if not found:
+            raise StoreError(f"image store {self.root} is missing; run `fastclass init` or restore it")
+
+    def path(self, relpath: str) -> Path:
+        """A local file with the object's bytes (downloaded into the cache once); for a missing object, a
+        path where no file is, as a local store gives for a missing file."""
+        local = self.cache / relpath
+        if not local.exists():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            partial = local.with_name(f".{local.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            try:
+                self.fs.get_file(self._object(relpath), str(partial))
+                os.replace(partial, local)
+            except FileNotFoundError:
+                return local
+            except Exception as exc:
+                raise self._fail(f"read {relpath} from", exc) from exc
+            finally:
+                partial.unlink(missing_ok=True)
+        return local
+
+    def fetch(self, relpaths: Iterable[str], threads: int = 16) -> None:
+        """Download many objects into the cache at once (before decoding or training)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(self.path, relpaths))
+
+    def exists(self, relpath: str) -> bool:
+        return self.fs.exists(self._object(relpath))
+
+    def missing(self, relpaths: Iterable[str]) -> list[str]:
+        present = set(self.iter_files())
+        return [rel for rel in relpaths if rel not in present]
+
+    def put(self, sha256: str, ext: str, data: bytes) -> StoredFile:
+        rel = relpath_for(sha256, ext)
+        marker = self._object(f"{TEMP_DIR}/{temp_name(sha256, self._host)}")
+        try:
+            self.fs.pipe(marker, b"")
+            if not self.fs.exists(self._object(rel)):
+                self.fs.pipe(self._object(rel), data)
+        except Exception as exc:
+            self._remove_objects([marker])
+            raise self._fail("write to", exc) from exc
+        return StoredFile(sha256, rel, marker)
+
+    def release(self, files: Iterable[StoredFile]) -> None:
+        self._remove_objects([stored.temp for stored in files if stored.temp is not None])
+
+    def discard(self, files: Iterable[StoredFile], is_recorded: Callable[[str], bool]) -> None:
+        files = list(files)
+        self.release(files)
+        self._remove_orphans({f.sha256 for f in files}, is_recorded)
+
+    def clear_stale_temp(self, is_recorded: Callable[[str], bool]) -> int:
+        stale = [(marker, sha) for marker, sha, host, pid in self._markers()
+                 if pid < 0 or (host == self._host and not pid_alive(pid))]
+        self._remove_objects([marker for marker, _ in stale])
+        self._remove_orphans({sha for _, sha in stale if sha}, is_recorded)
+        if stale:
+            log.info("cleared %d marker(s) left by an interrupted run in %s", len(stale), self.root)
+        return len(stale)
+
+    def _markers(self) -> list[tuple[str, str, str, int]]:
+        try:
+            keys = self.fs.ls(self._object(TEMP_DIR), detail=False)
+        except FileNotFoundError:
+            return []
+        return [(key, *parse_temp_name(key.rsplit("/", 1)[-1])) for key in keys]
+
+    def _remove_orphans(self, shas: set[str], is_recorded: Callable[[str], bool]) -> None:
+        held = {sha for _, sha, host, pid in self._markers() if pid >= 0 and (host != self._host or pid_alive(pid))}
+        for sha in shas:
+            if sha not in held and not is_recorded(sha):
+                self._remove_objects(self.fs.glob(self._object(f"{sha[:2]}/{sha}.*")))
+
+    def _remove_objects(self, keys: list[str]) -> None:
+        if keys:
+            try:
+                self.fs.rm(keys)
+            except FileNotFoundError:
+                pass
+
+    def remove(self, relpath: str) -> None:
+        self._remove_objects([self._object(relpath)])
+        (self.cache / relpath).unlink(missing_ok=True)
+
+    def iter_files(self) -> Iterable[str]:
+        try:
+            keys = self.fs.find(self.key)
+        except FileNotFoundError:
+            return
+        for key in sorted(keys):
+            rel = key[len(self.key) + 1:]
+            if len(rel) > 3 and rel[2] == "/" and not rel.startswith(TEMP_DIR):
+                yield rel
+
+
+def open_store(location: str) -> ImageStore | S3ImageStore:
+    """The store at a folder path or an s3:// URL."""
+    if location.startswith("s3://"):
+        return S3ImageStore(location)
+    return ImageStore(Path(location))

@@ -140,6 +140,7 @@ def verify_images(session: Session, store: ImageStore, rules: VerifyRules = Veri
         label_id = existing_label_id(session, label)
         query = query.where(ImageRow.label_id == label_id)
     rows = session.execute(query.order_by(ImageRow.id)).all()
+    store.fetch(rel for _, rel in rows)
     tasks = [(image_id, str(store.path(rel)), rules) for image_id, rel in rows]
     result = VerifyResult()
     batch: list[Verdict] = []

@@ -56,11 +56,13 @@ class SnapshotData:
 def snapshot_data(session: Session, store: ImageStore, name: str) -> SnapshotData:
     """The snapshot's images, checked to be trainable: every file present, two labels, both splits."""
     items = snapshot_items(session, name)
-    missing = [item for item in items if not store.exists(item.store_path)]
+    missing = set(store.missing(item.store_path for item in items))
     if missing:
+        first = next(item for item in items if item.store_path in missing)
         raise FastclassError(f"{len(missing)} file(s) of snapshot {name!r} are missing from the image store "
-                             f"{store.root} (first: {missing[0].store_path}, image {missing[0].image_id}); "
+                             f"{store.root} (first: {first.store_path}, image {first.image_id}); "
                              "restore the store, or make a new snapshot without them")
+    store.fetch(item.store_path for item in items)
     frame = pd.DataFrame({
         "image_id": [i.image_id for i in items],
         "sha256": [i.sha256 for i in items],
