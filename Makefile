@@ -31,6 +31,7 @@ bench: venv
 	$(PY) bench/split.py
 	$(PY) bench/crawl.py
 	$(PY) bench/train.py
+	$(PY) bench/scaling.py
 
 clean:
 	rm -rf demo bench/out .pytest_cache
