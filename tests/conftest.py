@@ -105,6 +105,25 @@ def catalog(catalog_location: str, tmp_path: Path):
 
 
 @pytest.fixture
+def initialized_catalog(catalog_location: str, tmp_path: Path) -> str:
+    """An initialised catalog location on each backend, its store in tmp_path/images."""
+    init_catalog(catalog_location, str(tmp_path / "images"))
+    return catalog_location
+
+
+def catalog_rows(location: str, sql: str) -> list[tuple]:
+    """Rows of a query on a catalog of either backend (a SQLite path or a database URL)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(location if "://" in location else f"sqlite:///{location}")
+    try:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
 def sqlite_catalog(tmp_path: Path) -> str:
     location = str(tmp_path / "catalog.db")
     init_catalog(location)

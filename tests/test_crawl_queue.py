@@ -9,12 +9,11 @@ import sys
 import time
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from fastclass.catalog import init_catalog, open_catalog
 from fastclass.crawl import CrawlOptions
 from fastclass.crawl_queue import claim_job, enqueue_crawl
-from tests.conftest import photo_like, run_cli
+from tests.conftest import catalog_rows, photo_like, run_cli
 from tests.webserver import EngineSite
 
 QUERIES = [f"bird{n}" for n in range(12)]
@@ -38,14 +37,6 @@ def enqueue_all(location: str, site: EngineSite) -> None:
         assert result.stdout.startswith("Queued crawl job ")
 
 
-def rows(location: str, sql: str) -> list[tuple]:
-    engine = create_engine(location if "://" in location else f"sqlite:///{location}")
-    with engine.connect() as conn:
-        found = [tuple(r) for r in conn.execute(text(sql))]
-    engine.dispose()
-    return found
-
-
 def test_a_claimed_job_is_not_claimed_again_until_its_lease_runs_out(catalog, tmp_path):
     options = CrawlOptions(query="owl", label="owl", engines=["bing"])
     with catalog.session() as session:
@@ -60,7 +51,7 @@ def test_a_claimed_job_is_not_claimed_again_until_its_lease_runs_out(catalog, tm
         assert claim_job(session, "w3", lease_seconds=0.5).attempts == 3
         time.sleep(0.7)
         assert claim_job(session, "w4", lease_seconds=0.5) is None
-    status, error = rows(catalog.location, f"SELECT status, last_error FROM crawl_jobs WHERE id = {job_id}")[0]
+    status, error = catalog_rows(catalog.location, f"SELECT status, last_error FROM crawl_jobs WHERE id = {job_id}")[0]
     assert status == "failed" and error == "abandoned: its worker stopped during each of 3 attempts"
 
 
@@ -68,7 +59,7 @@ def test_queue_refuses_a_bad_job_and_worker_runs_the_good_ones(sqlite_catalog):
     site = queue_site(delay=0)
     try:
         bad = run_cli(["crawl", "x", "--engine", "altavista", "--queue"], sqlite_catalog)
-        assert bad.exit_code == 1 and rows(sqlite_catalog, "SELECT count(*) FROM crawl_jobs") == [(0,)]
+        assert bad.exit_code == 1 and catalog_rows(sqlite_catalog, "SELECT count(*) FROM crawl_jobs") == [(0,)]
         enqueue_all(sqlite_catalog, site)
         jobs = json.loads(run_cli(["jobs", "--json"], sqlite_catalog).stdout)
         assert {j["status"] for j in jobs} == {"queued"} and len(jobs) == 12
@@ -80,8 +71,8 @@ def test_queue_refuses_a_bad_job_and_worker_runs_the_good_ones(sqlite_catalog):
         site.close()
     jobs = json.loads(run_cli(["jobs", "--json"], sqlite_catalog).stdout)
     assert {(j["status"], j["worker"], j["attempts"]) for j in jobs} == {("done", "solo", 1)}
-    assert rows(sqlite_catalog, "SELECT count(*) FROM images") == [(121,)]
-    assert rows(sqlite_catalog, "SELECT count(*) FROM sources") == [(132,)]
+    assert catalog_rows(sqlite_catalog, "SELECT count(*) FROM images") == [(121,)]
+    assert catalog_rows(sqlite_catalog, "SELECT count(*) FROM sources") == [(132,)]
     # Two jobs running at once may both fetch the image they share before either has recorded it.
     assert all(n == 1 for path, n in site.hits.items() if path.startswith("/img/") and path != "/img/shared.jpg")
 
@@ -101,7 +92,7 @@ def test_three_workers_and_one_killed_run_every_job_exactly_once(pg_database, tm
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            busy = rows(pg_database, "SELECT j.id, count(f.url_hash) FROM crawl_jobs j JOIN fetched_urls f "
+            busy = catalog_rows(pg_database, "SELECT j.id, count(f.url_hash) FROM crawl_jobs j JOIN fetched_urls f "
                                      "ON f.crawl_job_id = j.id WHERE j.worker = 'w0' AND j.status = 'running' "
                                      "GROUP BY j.id")
             if busy and busy[0][1] >= 2:
@@ -120,17 +111,17 @@ def test_three_workers_and_one_killed_run_every_job_exactly_once(pg_database, tm
                 proc.kill()
         site.close()
 
-    jobs = rows(pg_database, "SELECT id, status, worker, attempts FROM crawl_jobs ORDER BY id")
+    jobs = catalog_rows(pg_database, "SELECT id, status, worker, attempts FROM crawl_jobs ORDER BY id")
     assert [status for _, status, _, _ in jobs] == ["done"] * 12
     taken_over = {job_id: (worker, attempts) for job_id, _, worker, attempts in jobs if attempts > 1}
     assert list(taken_over) == [killed_job] and taken_over[killed_job][0] in ("w1", "w2")
-    assert rows(pg_database, "SELECT count(*) FROM images") == [(121,)]
-    assert rows(pg_database, "SELECT count(*) FROM sources") == [(132,)]
-    assert rows(pg_database, "SELECT count(*) FROM (SELECT image_id, uri, label_id FROM sources "
+    assert catalog_rows(pg_database, "SELECT count(*) FROM images") == [(121,)]
+    assert catalog_rows(pg_database, "SELECT count(*) FROM sources") == [(132,)]
+    assert catalog_rows(pg_database, "SELECT count(*) FROM (SELECT image_id, uri, label_id FROM sources "
                              "GROUP BY image_id, uri, label_id HAVING count(*) > 1) d") == [(0,)]
     # Only what the killed worker had downloaded but not yet recorded is fetched again, once; every other
     # image URL once (the shared one may be fetched by two jobs running at the same time).
-    killed_query = rows(pg_database, f"SELECT query FROM crawl_jobs WHERE id = {killed_job}")[0][0]
+    killed_query = catalog_rows(pg_database, f"SELECT query FROM crawl_jobs WHERE id = {killed_job}")[0][0]
     again = {path: n for path, n in site.hits.items() if path.startswith("/img/") and n > 1}
     again.pop("/img/shared.jpg", None)
     assert all(path.startswith(f"/img/{killed_query}-") and n == 2 for path, n in again.items()), again
@@ -138,5 +129,5 @@ def test_three_workers_and_one_killed_run_every_job_exactly_once(pg_database, tm
     open_catalog(pg_database).close()  # opening clears what the killed worker left in the store's temp folder
     store = tmp_path / "images"
     stored = {f"{p.parent.name}/{p.name}" for p in store.glob("??/*")}
-    assert stored == {path for (path,) in rows(pg_database, "SELECT store_path FROM images")}
+    assert stored == {path for (path,) in catalog_rows(pg_database, "SELECT store_path FROM images")}
     assert not list((store / ".tmp").iterdir())

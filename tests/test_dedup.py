@@ -10,7 +10,7 @@ from PIL import ImageOps
 
 from fastclass.dedup import HashIndex, find_pairs, near_duplicate_groups
 from fastclass.sample import jpeg_bytes, load_photo, random_crop
-from tests.conftest import run_cli, sqlite_rows, write
+from tests.conftest import catalog_rows, run_cli, write
 
 
 def test_search_is_exact_against_brute_force():
@@ -51,16 +51,16 @@ def variants(root):
 
 
 def by_name(location):
-    rows = sqlite_rows(location, "SELECT s.uri, i.id, i.status, i.dup_group_id FROM images i "
+    rows = catalog_rows(location, "SELECT s.uri, i.id, i.status, i.dup_group_id FROM images i "
                                  "JOIN sources s ON s.image_id = i.id")
     return {uri.rsplit("/", 1)[1]: (image_id, status, group) for uri, image_id, status, group in rows}
 
 
-def test_groups_keepers_flip_and_conflicts(sqlite_catalog, tmp_path):
-    run_cli(["import", str(variants(tmp_path / "in"))], sqlite_catalog)
-    assert run_cli(["verify"], sqlite_catalog).exit_code == 0
-    plain = json.loads(run_cli(["dedup", "--json"], sqlite_catalog).stdout)
-    got = by_name(sqlite_catalog)
+def test_groups_keepers_flip_and_conflicts(initialized_catalog, tmp_path):
+    run_cli(["import", str(variants(tmp_path / "in"))], initialized_catalog)
+    assert run_cli(["verify"], initialized_catalog).exit_code == 0
+    plain = json.loads(run_cli(["dedup", "--json"], initialized_catalog).stdout)
+    got = by_name(initialized_catalog)
     assert plain == {"images": 8, "groups": 2, "members": 7, "duplicates": 4, "conflicts": 1,
                      "duplicates_per_label": {"cats": 4}}
     group = got["original.jpg"][2]
@@ -74,25 +74,25 @@ def test_groups_keepers_flip_and_conflicts(sqlite_catalog, tmp_path):
     # The pair that spans two labels is a conflict: both stay ok.
     assert got["other.jpg"][1] == got["other_again.jpg"][1] == "ok"
     assert got["other.jpg"][2] == got["other_again.jpg"][2] is not None
-    conflicts = json.loads(run_cli(["dedup", "--conflicts", "--json"], sqlite_catalog).stdout)
+    conflicts = json.loads(run_cli(["dedup", "--conflicts", "--json"], initialized_catalog).stdout)
     assert [sorted(m["label"] for m in c["members"]) for c in conflicts] == [["cats", "dogs"]]
 
-    flipped = json.loads(run_cli(["dedup", "--flip", "--json"], sqlite_catalog).stdout)
+    flipped = json.loads(run_cli(["dedup", "--flip", "--json"], initialized_catalog).stdout)
     assert flipped["duplicates"] == 5 and flipped["groups"] == 2
-    assert by_name(sqlite_catalog)["mirrored.jpg"][1] == "duplicate"
+    assert by_name(initialized_catalog)["mirrored.jpg"][1] == "duplicate"
 
-    again = json.loads(run_cli(["dedup", "--json"], sqlite_catalog).stdout)
+    again = json.loads(run_cli(["dedup", "--json"], initialized_catalog).stdout)
     assert again == plain, "re-running without --flip restores the mirrored copy"
-    assert by_name(sqlite_catalog)["mirrored.jpg"][1] == "pending"
+    assert by_name(initialized_catalog)["mirrored.jpg"][1] == "pending"
 
 
-def test_dry_run_changes_nothing(sqlite_catalog, tmp_path):
-    run_cli(["import", str(variants(tmp_path / "in"))], sqlite_catalog)
-    before = sqlite_rows(sqlite_catalog, "SELECT id, status, dup_group_id FROM images ORDER BY id")
-    result = run_cli(["dedup", "--dry-run"], sqlite_catalog)
+def test_dry_run_changes_nothing(initialized_catalog, tmp_path):
+    run_cli(["import", str(variants(tmp_path / "in"))], initialized_catalog)
+    before = catalog_rows(initialized_catalog, "SELECT id, status, dup_group_id FROM images ORDER BY id")
+    result = run_cli(["dedup", "--dry-run"], initialized_catalog)
     assert result.stdout.startswith("Would find 2 group(s) of near-duplicates among 8 image(s)")
-    assert sqlite_rows(sqlite_catalog, "SELECT id, status, dup_group_id FROM images ORDER BY id") == before
-    assert sqlite_rows(sqlite_catalog, "SELECT count(*) FROM duplicate_groups") == [(0,)]
+    assert catalog_rows(initialized_catalog, "SELECT id, status, dup_group_id FROM images ORDER BY id") == before
+    assert catalog_rows(initialized_catalog, "SELECT count(*) FROM duplicate_groups") == [(0,)]
 
 
 def test_dedup_errors(sqlite_catalog):

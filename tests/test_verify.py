@@ -8,7 +8,7 @@ import zlib
 
 from PIL import Image
 
-from tests.conftest import image_bytes, run_cli, sqlite_rows, write
+from tests.conftest import catalog_rows, image_bytes, run_cli, write
 
 
 def png_with_size(width: int, height: int) -> bytes:
@@ -70,21 +70,21 @@ def _png16() -> bytes:
 
 
 def statuses(location: str) -> dict[str, tuple]:
-    rows = sqlite_rows(location, "SELECT s.uri, i.status, i.reason, i.width, i.height, i.mode "
+    rows = catalog_rows(location, "SELECT s.uri, i.status, i.reason, i.width, i.height, i.mode "
                                  "FROM images i JOIN sources s ON s.image_id = i.id")
     return {uri.rsplit("/", 1)[1]: (status, reason, w, h, mode) for uri, status, reason, w, h, mode in rows}
 
 
-def test_verify_sets_status_reason_and_true_size(sqlite_catalog, tmp_path):
-    imported = json.loads(run_cli(["import", str(cases(tmp_path / "in")), "--json"], sqlite_catalog).stdout)
+def test_verify_sets_status_reason_and_true_size(initialized_catalog, tmp_path):
+    imported = json.loads(run_cli(["import", str(cases(tmp_path / "in")), "--json"], initialized_catalog).stdout)
     assert imported["skipped"] == {"vector image (SVG) is not supported": 1, "empty file": 1}
-    result = run_cli(["verify", "--json", "--workers", "2"], sqlite_catalog)
+    result = run_cli(["verify", "--json", "--workers", "2"], initialized_catalog)
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["checked"] == 11 and summary["ok"] == 5
     assert summary["rejected"] == {"truncated image data": 1, "corrupt image data": 1, "animated": 1,
                                    "decompression bomb": 1, "too small": 1, "extreme aspect ratio": 1}
-    got = statuses(sqlite_catalog)
+    got = statuses(initialized_catalog)
     assert got["good.jpg"] == ("ok", None, 96, 72, "RGB")
     assert got["cmyk.jpg"] == ("ok", None, 96, 72, "CMYK")
     assert got["sixteen.png"][:2] == ("ok", None) and got["sixteen.png"][4].startswith("I")
@@ -96,27 +96,27 @@ def test_verify_sets_status_reason_and_true_size(sqlite_catalog, tmp_path):
     assert got["bomb.png"][:2] == ("rejected", "decompression bomb (30000x30000 pixels is over the limit of 89478485)")
     assert got["tiny.png"][:2] == ("rejected", "too small (8x8 is under 32x32)")
     assert got["strip.png"][:2] == ("rejected", "extreme aspect ratio (640x40)")
-    again = json.loads(run_cli(["verify", "--json"], sqlite_catalog).stdout)
+    again = json.loads(run_cli(["verify", "--json"], initialized_catalog).stdout)
     assert again["checked"] == 0, "verified images are not checked twice without --recheck"
 
 
-def test_rules_are_configurable_with_recheck(sqlite_catalog, tmp_path):
-    run_cli(["import", str(cases(tmp_path / "in"))], sqlite_catalog)
-    run_cli(["verify"], sqlite_catalog)
+def test_rules_are_configurable_with_recheck(initialized_catalog, tmp_path):
+    run_cli(["import", str(cases(tmp_path / "in"))], initialized_catalog)
+    run_cli(["verify"], initialized_catalog)
     result = json.loads(run_cli(["verify", "--recheck", "--json", "--min-size", "4x4", "--animated", "first-frame",
-                                 "--max-aspect", "25"], sqlite_catalog).stdout)
+                                 "--max-aspect", "25"], initialized_catalog).stdout)
     assert result["checked"] == 11 and result["ok"] == 8
-    got = statuses(sqlite_catalog)
+    got = statuses(initialized_catalog)
     assert got["anim.gif"][0] == got["tiny.png"][0] == got["strip.png"][0] == "ok"
 
 
-def test_prune_removes_only_rejected_files_and_every_row_keeps_its_file(sqlite_catalog, tmp_path):
-    run_cli(["import", str(cases(tmp_path / "in"))], sqlite_catalog)
-    result = run_cli(["verify", "--prune"], sqlite_catalog)
+def test_prune_removes_only_rejected_files_and_every_row_keeps_its_file(initialized_catalog, tmp_path):
+    run_cli(["import", str(cases(tmp_path / "in"))], initialized_catalog)
+    result = run_cli(["verify", "--prune"], initialized_catalog)
     assert result.exit_code == 0
     assert result.stdout.splitlines()[-1] == "Pruned: removed 6 file(s) of deleted or rejected images from the store."
     store = tmp_path / "images"
-    rows = sqlite_rows(sqlite_catalog, "SELECT status, reason, store_path FROM images")
+    rows = catalog_rows(initialized_catalog, "SELECT status, reason, store_path FROM images")
     for status, reason, rel in rows:
         assert status in ("ok", "deleted")
         assert (store / rel).exists() == (status == "ok")
