@@ -13,20 +13,20 @@ from PIL import Image
 
 from fastclass.catalog import open_catalog
 from fastclass.preview import detect_protocol, halfblock, render
-from tests.conftest import add_images, photo_like, run_cli, sqlite_rows
+from tests.conftest import add_images, catalog_rows, photo_like, run_cli
 
 ENV = {"TERM": "xterm-256color", "COLORTERM": "truecolor", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
        "FASTCLASS_REVIEWER": "tester", "LANG": "C.UTF-8"}
 
 
 @pytest.fixture
-def pets(sqlite_catalog, tmp_path) -> str:
+def pets(initialized_catalog, tmp_path) -> str:
     """cats: images 1-3, dogs: images 4-6 (ids in import order), all verified ok."""
-    catalog = open_catalog(sqlite_catalog)
+    catalog = open_catalog(initialized_catalog)
     add_images(catalog, tmp_path / "in", {"cats": [photo_like(s) for s in range(3)],
                                           "dogs": [photo_like(s) for s in range(3, 6)]})
     catalog.close()
-    return sqlite_catalog
+    return initialized_catalog
 
 
 def spawn_clean(catalog: str, *args: str) -> pexpect.spawn:
@@ -36,7 +36,7 @@ def spawn_clean(catalog: str, *args: str) -> pexpect.spawn:
 
 
 def images(catalog: str) -> dict[int, tuple[str, str]]:
-    return {i: (status, label) for i, status, label in sqlite_rows(
+    return {i: (status, label) for i, status, label in catalog_rows(
         catalog, "SELECT i.id, i.status, l.name FROM images i JOIN labels l ON l.id = i.label_id")}
 
 
@@ -45,7 +45,7 @@ def test_every_key_is_in_the_catalog_at_once(pets):
     child.expect(r"image 1 \(1/6, not reviewed\)")
     child.send("k")
     child.expect("image 1 kept")
-    assert sqlite_rows(pets, "SELECT image_id, action, old_status, new_status, reviewer FROM reviews") == [
+    assert catalog_rows(pets, "SELECT image_id, action, old_status, new_status, reviewer FROM reviews") == [
         (1, "keep", "ok", "ok", "tester")]
     child.send("d")
     child.expect("image 2 deleted")
@@ -78,7 +78,7 @@ def test_every_key_is_in_the_catalog_at_once(pets):
     child.send("q")
     child.expect(pexpect.EOF)
     assert "Saved: 2 kept, 1 deleted, 1 relabelled, 1 undone this session." in child.before
-    actions = [a for (a,) in sqlite_rows(pets, "SELECT action FROM reviews ORDER BY id")]
+    actions = [a for (a,) in catalog_rows(pets, "SELECT action FROM reviews ORDER BY id")]
     assert actions == ["keep", "delete", "relabel", "relabel", "undo", "keep"]
 
 
@@ -89,7 +89,7 @@ def test_a_killed_prompt_loses_nothing_and_resumes(pets):
     child.expect("image 2 deleted")
     os.kill(child.pid, signal.SIGKILL)
     child.expect(pexpect.EOF)
-    assert sqlite_rows(pets, "SELECT image_id, action FROM reviews ORDER BY id") == [(1, "keep"), (2, "delete")]
+    assert catalog_rows(pets, "SELECT image_id, action FROM reviews ORDER BY id") == [(1, "keep"), (2, "delete")]
     again = spawn_clean(pets, "--status", "ok")
     # Image 2 is deleted now, so the ok filter holds 5 images; 1 of them was reviewed.
     again.expect("resuming at image 2 of 5 \\(1 reviewed before\\)")
@@ -112,11 +112,11 @@ def test_ctrl_c_in_the_prompt_keeps_the_decisions(pets):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130
-    assert sqlite_rows(pets, "SELECT count(*) FROM reviews") == [(1,)]
+    assert catalog_rows(pets, "SELECT count(*) FROM reviews") == [(1,)]
 
 
 def test_apply_good_and_bad_rows(pets, tmp_path):
-    sha5 = sqlite_rows(pets, "SELECT sha256 FROM images WHERE id = 5")[0][0]
+    sha5 = catalog_rows(pets, "SELECT sha256 FROM images WHERE id = 5")[0][0]
     decisions = tmp_path / "decisions.csv"
     decisions.write_text("image,action,label\n1,delete,\n" + f"{sha5[:10]},relabel,cats\n" + "99,keep,\n"
                          "2,explode,\n3,relabel,\n6,keep,\n")
@@ -131,11 +131,11 @@ def test_apply_good_and_bad_rows(pets, tmp_path):
     ]
     state = images(pets)
     assert state[1] == ("deleted", "cats") and state[5] == ("ok", "cats") and state[2] == ("ok", "cats")
-    assert sqlite_rows(pets, "SELECT image_id, action FROM reviews ORDER BY id") == [
+    assert catalog_rows(pets, "SELECT image_id, action FROM reviews ORDER BY id") == [
         (1, "delete"), (5, "relabel"), (6, "keep")]
 
 
-def test_scripted_decisions_history_undo_and_prune(pets):
+def test_scripted_decisions_history_undo_and_prune(pets, tmp_path):
     assert run_cli(["label", "set", "dogs", "1", "2"], pets).stdout == "Relabelled 2 image(s) to dogs.\n"
     assert run_cli(["label", "set", "dogs", "1", "nope"], pets).stderr == \
         "Error: no image 'nope' in the catalog (give an image id or its sha256)\n"
@@ -153,8 +153,8 @@ def test_scripted_decisions_history_undo_and_prune(pets):
     assert run_cli(["undo", str(first)], pets).stderr == f"Error: review {first} was already undone\n"
     assert images(pets)[1] == ("ok", "cats")
 
-    store_path = sqlite_rows(pets, "SELECT store_path FROM images WHERE id = 3")[0][0]
-    store = os.path.join(os.path.dirname(pets), "images")
+    store_path = catalog_rows(pets, "SELECT store_path FROM images WHERE id = 3")[0][0]
+    store = str(tmp_path / "images")
     assert os.path.exists(os.path.join(store, store_path)), "deleting keeps the file until prune"
     assert run_cli(["prune"], pets).stdout == "Pruned: removed 1 file(s) of deleted or rejected images from the store.\n"
     assert not os.path.exists(os.path.join(store, store_path))

@@ -37,8 +37,8 @@ def test_missing_catalog(tmp_path, args, message):
     assert (result.exit_code, result.stderr) == (1, message.format(tmp=tmp_path) + "\n")
 
 
-def test_missing_import_folder(sqlite_catalog, tmp_path):
-    result = run_cli(["import", str(tmp_path / "nowhere")], sqlite_catalog)
+def test_missing_import_folder(initialized_catalog, tmp_path):
+    result = run_cli(["import", str(tmp_path / "nowhere")], initialized_catalog)
     assert (result.exit_code, result.stderr) == (1, f"Error: folder {tmp_path / 'nowhere'} does not exist\n")
 
 
@@ -65,19 +65,19 @@ def test_file_that_is_not_a_catalog(tmp_path):
         1, f"Error: cannot open catalog sqlite:///{tmp_path}/junk.db: file is not a database\n")
 
 
-def test_missing_image_store(sqlite_catalog, tmp_path):
+def test_missing_image_store(initialized_catalog, tmp_path):
     (tmp_path / "images" / ".tmp").rmdir()
     (tmp_path / "images").rmdir()
-    result = run_cli(["stats"], sqlite_catalog)
+    result = run_cli(["stats"], initialized_catalog)
     assert result.stderr == (f"Error: image store {tmp_path}/images is missing; "
                              "run `fastclass init` or restore the folder\n")
 
 
-def test_usage_errors_exit_2(sqlite_catalog):
-    assert run_cli(["stats", "--bogus"], sqlite_catalog).exit_code == 2
-    assert run_cli(["no-such-command"], sqlite_catalog).exit_code == 2
-    assert run_cli(["import"], sqlite_catalog).exit_code == 2
-    assert run_cli(["-v", "-q", "stats"], sqlite_catalog).exit_code == 2
+def test_usage_errors_exit_2(initialized_catalog):
+    assert run_cli(["stats", "--bogus"], initialized_catalog).exit_code == 2
+    assert run_cli(["no-such-command"], initialized_catalog).exit_code == 2
+    assert run_cli(["import"], initialized_catalog).exit_code == 2
+    assert run_cli(["-v", "-q", "stats"], initialized_catalog).exit_code == 2
 
 
 def test_traceback_only_with_verbose(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import photo_like, run_cli, sqlite_rows
+from tests.conftest import catalog_rows, photo_like, run_cli
 from tests.webserver import EngineSite
 
 
@@ -31,22 +31,22 @@ def crawl(catalog: str, site: EngineSite, *args: str, engine: str = "bing"):
     return run_cli(["crawl", *args, "--engine", engine, "--engine-url", f"{engine}={site.base}", "--json"], catalog)
 
 
-def test_each_engine_format_yields_its_images(sqlite_catalog, site, tmp_path, monkeypatch):
+def test_each_engine_format_yields_its_images(initialized_catalog, site, tmp_path, monkeypatch):
     site.results["*"] = jpegs(site, range(6))
     for engine in ("bing", "baidu", "google", "flickr"):
         if engine == "flickr":
-            assert crawl(sqlite_catalog, site, "owl", engine=engine).stderr == (
+            assert crawl(initialized_catalog, site, "owl", engine=engine).stderr == (
                 "Error: the flickr engine needs an API key: set FLICKR_API_KEY "
                 "(get one at https://www.flickr.com/services/apps/create/)\n")
             monkeypatch.setenv("FLICKR_API_KEY", "test-key")
-        result = crawl(sqlite_catalog, site, "owl", "--label", engine, engine=engine)
+        result = crawl(initialized_catalog, site, "owl", "--label", engine, engine=engine)
         assert result.exit_code == 0, result.stderr
         report = json.loads(result.stdout)
         assert report["found"] == 6 and report["status"] == "done", report
         # The first engine downloads; the others find the same URLs and only add their label as a source.
         assert (report["new_images"], report["exact_duplicates"]) == ((6, 0) if engine == "bing" else (0, 6))
     assert site.hits["/img/0.jpg"] == 1, "a URL fetched once is never fetched again"
-    rows = sqlite_rows(sqlite_catalog, "SELECT s.engine, l.name, s.rank, s.page_url, s.http_status, s.content_type "
+    rows = catalog_rows(initialized_catalog, "SELECT s.engine, l.name, s.rank, s.page_url, s.http_status, s.content_type "
                                        "FROM sources s JOIN labels l ON l.id = s.label_id ORDER BY s.id")
     assert {r[0] for r in rows} == {"bing", "baidu", "google", "flickr"} and len(rows) == 24
     bing = [r for r in rows if r[0] == "bing"]
@@ -55,18 +55,18 @@ def test_each_engine_format_yields_its_images(sqlite_catalog, site, tmp_path, mo
 
     urls = tmp_path / "urls.txt"
     urls.write_text("# my list\n\n" + "\n".join(jpegs(site, range(6, 9))) + "\nftp://nope/x.jpg\n")
-    listed = json.loads(run_cli(["crawl", "--urls", str(urls), "--label", "listed", "--json"], sqlite_catalog).stdout)
+    listed = json.loads(run_cli(["crawl", "--urls", str(urls), "--label", "listed", "--json"], initialized_catalog).stdout)
     assert listed["new_images"] == 3 and listed["engines"]["urls"]["found"] == 3
 
     site.pages["gallery"] = ('<html><body><img src="/img/9.jpg"><a href="/page/more">more</a>'
                              f'<img src="{site.url("/img/10.jpg")}"></body></html>')
     site.pages["more"] = '<html><body><a href="/img/11.jpg">big</a></body></html>'
     jpegs(site, range(9, 12))
-    greedy = run_cli(["crawl", "--url", site.url("/page/gallery"), "--label", "greedy", "--json"], sqlite_catalog)
+    greedy = run_cli(["crawl", "--url", site.url("/page/gallery"), "--label", "greedy", "--json"], initialized_catalog)
     assert json.loads(greedy.stdout)["new_images"] == 3, greedy.stdout
 
 
-def test_downloads_that_go_wrong(sqlite_catalog, site):
+def test_downloads_that_go_wrong(initialized_catalog, site, tmp_path):
     good = jpegs(site, range(3))
     site.add_image("busy.jpg", photo_like(50, (64, 64), "JPEG"))
     site.add_image("tiny.jpg", photo_like(51, (20, 20), "JPEG"))
@@ -75,7 +75,7 @@ def test_downloads_that_go_wrong(sqlite_catalog, site):
         "/special/huge.jpg", "/special/loop.jpg", "/special/busy/busy.jpg", "/img/tiny.jpg")] + [good[0] + "?again"]
     site.slow_seconds = 2.5
     site.add_image("0.jpg?again", b"")  # the same bytes under another URL (query strings reach the same file)
-    result = crawl(sqlite_catalog, site, "guitar", "--timeout", "0.5", "--max-bytes", "1MB", "--min-size", "32x32",
+    result = crawl(initialized_catalog, site, "guitar", "--timeout", "0.5", "--max-bytes", "1MB", "--min-size", "32x32",
                    "--retries", "2")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
@@ -83,67 +83,67 @@ def test_downloads_that_go_wrong(sqlite_catalog, site):
     assert report["rejected"] == {"not an image": 2, "larger than the byte cap": 1, "too small": 1}
     assert report["failed"] == {"HTTP 404": 1, "timed out": 1, "too many redirects": 1}
     assert site.hits["/special/busy/busy.jpg"] == 2, "429 with Retry-After, then success"
-    outcomes = dict(sqlite_rows(sqlite_catalog, "SELECT url, outcome FROM fetched_urls"))
+    outcomes = dict(catalog_rows(initialized_catalog, "SELECT url, outcome FROM fetched_urls"))
     assert outcomes[site.url("/special/slow.jpg")] == "retry"
     assert outcomes[site.url("/special/missing.jpg")] == "failed"
     assert outcomes[site.url("/special/html.jpg")] == "rejected"
-    assert sqlite_rows(sqlite_catalog, "SELECT count(*) FROM images") == [(4,)]
-    store = Path(sqlite_catalog).parent / "images"
+    assert catalog_rows(initialized_catalog, "SELECT count(*) FROM images") == [(4,)]
+    store = tmp_path / "images"
     assert len([p for p in store.rglob("*.jpg")]) == 4 and not list((store / ".tmp").iterdir())
 
     # The re-run retries only the temporary failure.
     before = site.hits.copy()
-    again = json.loads(crawl(sqlite_catalog, site, "guitar", "--timeout", "0.5").stdout)
+    again = json.loads(crawl(initialized_catalog, site, "guitar", "--timeout", "0.5").stdout)
     fetched = {path for path in site.hits if site.hits[path] > before[path] and path.startswith(("/img", "/special"))}
     assert fetched == {"/special/slow.jpg"} and again["new_images"] == 0
 
 
-def test_changed_markup_is_reported_and_other_engines_go_on(sqlite_catalog, site, tmp_path):
+def test_changed_markup_is_reported_and_other_engines_go_on(initialized_catalog, site, tmp_path):
     site.results["*"] = jpegs(site, range(3))
     site.broken_markup = True
     urls = tmp_path / "urls.txt"
     urls.write_text("\n".join(jpegs(site, range(3, 5))))
     result = run_cli(["crawl", "kestrel", "--engine", "bing", "--engine", "urls", "--urls", str(urls),
-                      "--engine-url", f"bing={site.base}"], sqlite_catalog)
+                      "--engine-url", f"bing={site.base}"], initialized_catalog)
     assert result.exit_code == 0
     warning = result.stderr.strip().splitlines()[-1]
     assert warning.startswith(f"Warning: parser found no results on {site.base}/images/async?q=kestrel&first=0; "
                               "the engine's page format may have changed (page saved to ")
     saved = Path(warning.rsplit("page saved to ", 1)[1].rstrip(")"))
-    assert saved.parent == Path(sqlite_catalog).parent / "logs" and b"newlayout" in saved.read_bytes()
+    assert saved.parent == tmp_path / "logs" and b"newlayout" in saved.read_bytes()
     assert "Crawl job 1 done: kestrel ('kestrel'): 2 new of --max 100" in result.stdout
-    jobs = json.loads(run_cli(["jobs", "--json"], sqlite_catalog).stdout)
+    jobs = json.loads(run_cli(["jobs", "--json"], initialized_catalog).stdout)
     assert jobs[0]["last_error"].startswith("parser found no results") and jobs[0]["new"] == 2
 
 
-def test_failing_hosts_and_a_refusing_engine_stop_that_engine(sqlite_catalog, site):
+def test_failing_hosts_and_a_refusing_engine_stop_that_engine(initialized_catalog, site):
     site.results["*"] = [site.url("/special/missing.jpg") + f"?{n}" for n in range(40)]
-    report = json.loads(crawl(sqlite_catalog, site, "lynx", "--max-failures", "5").stdout)
+    report = json.loads(crawl(initialized_catalog, site, "lynx", "--max-failures", "5").stdout)
     assert report["engines"]["bing"]["problem"].startswith("bing: stopped after 5 downloads in a row failed")
     assert report["status"] == "failed" and report["engines"]["bing"]["failed"] < 40
 
     site.engine_refusal = 429
     pages_before = site.hits["/images/async"]
-    refused = json.loads(crawl(sqlite_catalog, site, "ocelot", "--retries", "2").stdout)
+    refused = json.loads(crawl(initialized_catalog, site, "ocelot", "--retries", "2").stdout)
     assert refused["engines"]["bing"]["problem"] == (
         "bing refused our requests (HTTP 429 on https://www.bing.com/images/async?q=ocelot&first=0): it is "
         "blocking or rate-limiting this machine; wait, then re-run to continue")
     assert site.hits["/images/async"] - pages_before == 3, "the first try and two retries"
 
 
-def test_max_counts_new_images_and_a_rerun_continues(sqlite_catalog, site):
+def test_max_counts_new_images_and_a_rerun_continues(initialized_catalog, site):
     site.results["*"] = jpegs(site, range(30))
-    first = json.loads(crawl(sqlite_catalog, site, "heron", "--max", "12", "--threads", "4").stdout)
+    first = json.loads(crawl(initialized_catalog, site, "heron", "--max", "12", "--threads", "4").stdout)
     assert first["new_images"] == 12
     fetched = {p for p, n in site.hits.items() if p.startswith("/img/")}
     assert len(fetched) == 12, "no download is thrown away at --max"
-    second = json.loads(crawl(sqlite_catalog, site, "heron", "--max", "12").stdout)
+    second = json.loads(crawl(initialized_catalog, site, "heron", "--max", "12").stdout)
     assert second["new_images"] == 12 and second["skipped_known"] == 12
     assert all(n == 1 for p, n in site.hits.items() if p.startswith("/img/"))
-    assert sqlite_rows(sqlite_catalog, "SELECT count(*) FROM images") == [(24,)]
+    assert catalog_rows(initialized_catalog, "SELECT count(*) FROM images") == [(24,)]
 
 
-def test_csv_of_classes_with_a_bad_row(sqlite_catalog, site, tmp_path):
+def test_csv_of_classes_with_a_bad_row(initialized_catalog, site, tmp_path):
     site.results["fender jazzmaster -bass"] = jpegs(site, range(3))
     site.results["g&l -asat -classic"] = jpegs(site, range(3, 5))
     site.results['les paul -"gold top" -custom'] = jpegs(site, range(6, 8))
@@ -152,13 +152,13 @@ def test_csv_of_classes_with_a_bad_row(sqlite_catalog, site, tmp_path):
     table.write_text('searchterm,exclude\n"fender jazzmaster",bass\n,nothing\n"g&l","asat classic"\n'
                      'a,b,c,d\ntelecaster,,\n"les paul","""gold top"" custom"\n', encoding="utf-8")
     result = run_cli(["crawl", "--from", str(table), "--engine", "bing", "--engine-url", f"bing={site.base}"],
-                     sqlite_catalog)
+                     initialized_catalog)
     assert result.exit_code == 1
     assert result.stderr.splitlines()[:2] == [f"Warning: {table}:3: empty searchterm",
                                               f"Warning: {table}:5: 4 fields, the header has 2 "
                                               "(quote a search term that holds a comma)"]
     assert result.stderr.splitlines()[-1] == f"Error: 2 bad row(s) in {table} (listed above); the other classes were crawled"
-    labels = dict(sqlite_rows(sqlite_catalog, "SELECT l.name, count(*) FROM images i JOIN labels l ON l.id = i.label_id "
+    labels = dict(catalog_rows(initialized_catalog, "SELECT l.name, count(*) FROM images i JOIN labels l ON l.id = i.label_id "
                                               "GROUP BY l.name"))
     assert labels == {"fender_jazzmaster": 3, "g&l": 2, "telecaster": 1, "les_paul": 2}
 
@@ -181,7 +181,7 @@ def start_crawl_and_wait(site: EngineSite, catalog: str, images: int) -> subproc
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        if sqlite_rows(catalog, "SELECT count(*) FROM images")[0][0] >= images:
+        if catalog_rows(catalog, "SELECT count(*) FROM images")[0][0] >= images:
             break
     return proc
 
@@ -195,7 +195,7 @@ def test_ctrl_c_marks_the_job_interrupted_and_keeps_what_was_ingested(slow_site,
     assert proc.returncode == 130
     assert stderr.splitlines()[-1] == "Error: interrupted; everything committed so far is kept, re-run to continue"
     job = json.loads(run_cli(["jobs", "--json"], catalog).stdout)[0]
-    kept = sqlite_rows(catalog, "SELECT count(*) FROM images")[0][0]
+    kept = catalog_rows(catalog, "SELECT count(*) FROM images")[0][0]
     assert job["status"] == "interrupted" and job["new"] == kept >= 5
     store = tmp_path / "images"
     assert len(list(store.rglob("*.jpg"))) == kept and not list((store / ".tmp").iterdir())
@@ -207,7 +207,7 @@ def test_a_killed_crawl_resumes_without_fetching_anything_twice(slow_site, tmp_p
     proc = start_crawl_and_wait(site, catalog, 10)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    recorded = {url for (url,) in sqlite_rows(catalog, "SELECT url FROM fetched_urls WHERE outcome = 'ok'")}
+    recorded = {url for (url,) in catalog_rows(catalog, "SELECT url FROM fetched_urls WHERE outcome = 'ok'")}
     assert 10 <= len(recorded) < 60
     before = site.hits.copy()
     jobs = json.loads(run_cli(["jobs", "--json"], catalog).stdout)
@@ -216,24 +216,24 @@ def test_a_killed_crawl_resumes_without_fetching_anything_twice(slow_site, tmp_p
     assert resumed.exit_code == 0, resumed.stderr
     again = {p for p in site.hits if site.hits[p] > before[p] and p.startswith("/img/")}
     assert not again & {u[len(site.base):] for u in recorded}, "a recorded URL was fetched again"
-    assert sqlite_rows(catalog, "SELECT count(*) FROM images") == [(60,)]
+    assert catalog_rows(catalog, "SELECT count(*) FROM images") == [(60,)]
     assert json.loads(resumed.stdout)[0]["new_images"] == 60 - len(recorded)
     assert run_cli(["crawl", "--resume"], catalog).stderr == "Nothing to resume: every crawl finished.\n"
     store = tmp_path / "images"
     assert len(list(store.rglob("*.jpg"))) == 60 and not list((store / ".tmp").iterdir())
 
 
-def test_usage_errors(sqlite_catalog, site):
-    assert run_cli(["crawl"], sqlite_catalog).exit_code == 2
-    assert run_cli(["crawl", "x", "--engine", "altavista"], sqlite_catalog).stderr == \
+def test_usage_errors(initialized_catalog, site):
+    assert run_cli(["crawl"], initialized_catalog).exit_code == 2
+    assert run_cli(["crawl", "x", "--engine", "altavista"], initialized_catalog).stderr == \
         "Error: unknown engine 'altavista'; use one of: baidu, bing, flickr, google, greedy, urls\n"
-    assert run_cli(["crawl", "x", "--filter", "type"], sqlite_catalog).stderr == \
+    assert run_cli(["crawl", "x", "--filter", "type"], initialized_catalog).stderr == \
         "Error: --filter 'type' is not KEY=VALUE, e.g. type=photo\n"
-    bad_filter = crawl(sqlite_catalog, site, "x", "--filter", "type=hologram")
+    bad_filter = crawl(initialized_catalog, site, "x", "--filter", "type=hologram")
     assert bad_filter.exit_code == 1 and bad_filter.stderr.startswith("Error: bad --filter for this engine: ")
-    assert run_cli(["crawl", "x", "--engine-url", "bing=ftp://x"], sqlite_catalog).stderr == \
+    assert run_cli(["crawl", "x", "--engine-url", "bing=ftp://x"], initialized_catalog).stderr == \
         "Error: --engine-url 'bing=ftp://x' is not ENGINE=http(s)://HOST[:PORT]\n"
-    assert sqlite_rows(sqlite_catalog, "SELECT count(*) FROM crawl_jobs") == [(0,)], "refused before any job row"
+    assert catalog_rows(initialized_catalog, "SELECT count(*) FROM crawl_jobs") == [(0,)], "refused before any job row"
 
 
 def test_crawl_and_resume_on_each_backend(catalog, site):

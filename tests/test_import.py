@@ -14,7 +14,7 @@ import pytest
 
 from fastclass.importer import import_folder
 from fastclass.store import ImageStore
-from tests.conftest import image_bytes, run_cli, sqlite_rows, write
+from tests.conftest import catalog_rows, image_bytes, run_cli, write
 
 
 def mixed_folder(root: Path) -> Path:
@@ -60,26 +60,26 @@ def test_import_stores_images_and_skips_the_rest_with_reasons(catalog, tmp_path)
     assert len(list(catalog.store.iter_files())) == 8
 
 
-def test_rerun_adds_nothing_and_flat_folder_takes_label(sqlite_catalog, tmp_path):
+def test_rerun_adds_nothing_and_flat_folder_takes_label(initialized_catalog, tmp_path):
     root = mixed_folder(tmp_path / "in")
-    first = run_cli(["import", str(root), "--json"], sqlite_catalog)
-    again = run_cli(["import", str(root), "--json"], sqlite_catalog)
+    first = run_cli(["import", str(root), "--json"], initialized_catalog)
+    again = run_cli(["import", str(root), "--json"], initialized_catalog)
     assert json.loads(first.stdout)["new_images"] == 8
     assert json.loads(again.stdout)["new_images"] == 0
     assert json.loads(again.stdout)["new_sources"] == 0
-    flat = run_cli(["import", str(root / "cats"), "--label", "felines", "--json"], sqlite_catalog)
+    flat = run_cli(["import", str(root / "cats"), "--label", "felines", "--json"], initialized_catalog)
     assert json.loads(flat.stdout)["new_images"] == 0 and json.loads(flat.stdout)["new_sources"] == 7
-    stats = json.loads(run_cli(["stats", "--json"], sqlite_catalog).stdout)
+    stats = json.loads(run_cli(["stats", "--json"], initialized_catalog).stdout)
     assert stats["images"] == {"total": 8, "ok": 0, "pending": 8, "rejected": 0, "duplicate": 0, "deleted": 0}
     assert stats["labels"]["cats"]["pending"] == 7
     assert stats["engines"] == {"import": 15}
-    labels = json.loads(run_cli(["labels", "--json"], sqlite_catalog).stdout)
+    labels = json.loads(run_cli(["labels", "--json"], initialized_catalog).stdout)
     assert [(row["name"], row["total"]) for row in labels] == [("cats", 7), ("dogs", 1), ("felines", 0)]
 
 
 def consistency(location: str) -> tuple[set[str], set[str], list[str]]:
     """(store paths of rows, files in the store, temp files) of a SQLite catalog."""
-    rows = {p for (p,) in sqlite_rows(location, "SELECT store_path FROM images")}
+    rows = {p for (p,) in catalog_rows(location, "SELECT store_path FROM images")}
     store = ImageStore(Path(location).parent / "images")
     files = set(store.iter_files())
     temps = sorted(p.name for p in store.temp_dir.iterdir())
@@ -99,7 +99,7 @@ def start_import_and_wait_for_first_commit(tmp_path, count: int = 1500):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if sqlite_rows(str(location), "SELECT count(*) FROM images")[0][0] > 0:
+            if catalog_rows(str(location), "SELECT count(*) FROM images")[0][0] > 0:
                 break
         except sqlite3.OperationalError:
             pass
@@ -143,6 +143,6 @@ def test_kill_9_during_import_then_rerun_ends_consistent(tmp_path):
     run_cli(["init"], str(clean))
     run_cli(["import", str(src)], str(clean))
     query = "SELECT l.name, count(*) FROM images i JOIN labels l ON l.id = i.label_id GROUP BY l.name ORDER BY 1"
-    assert sqlite_rows(str(killed), query) == sqlite_rows(str(clean), query)
-    assert sqlite_rows(str(killed), "SELECT count(*) FROM sources") == sqlite_rows(str(clean), "SELECT count(*) FROM sources")
-    assert sqlite_rows(str(killed), "SELECT count(*) FROM image_hashes") == sqlite_rows(str(clean), "SELECT count(*) FROM image_hashes")
+    assert catalog_rows(str(killed), query) == catalog_rows(str(clean), query)
+    assert catalog_rows(str(killed), "SELECT count(*) FROM sources") == catalog_rows(str(clean), "SELECT count(*) FROM sources")
+    assert catalog_rows(str(killed), "SELECT count(*) FROM image_hashes") == catalog_rows(str(clean), "SELECT count(*) FROM image_hashes")

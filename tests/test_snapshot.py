@@ -14,7 +14,7 @@ from fastclass.catalog import open_catalog
 from fastclass.errors import FastclassError
 from fastclass.snapshot import create_snapshot, diff_snapshots, show_snapshot, snapshot_items
 from fastclass.split import assign_splits
-from tests.conftest import add_images, photo_like, run_cli, sqlite_catalog_named, sqlite_rows
+from tests.conftest import add_images, catalog_rows, photo_like, run_cli, sqlite_catalog_named
 
 
 def grow(catalog, root, spec) -> None:
@@ -99,48 +99,48 @@ def test_nothing_can_change_a_snapshot(catalog, tmp_path):
             session.execute(delete(Image))
 
 
-def test_cli_cannot_overwrite_and_errors_are_one_line(sqlite_catalog, tmp_path):
-    catalog = open_catalog(sqlite_catalog)
+def test_cli_cannot_overwrite_and_errors_are_one_line(initialized_catalog, tmp_path):
+    catalog = open_catalog(initialized_catalog)
     add_images(catalog, tmp_path / "a", {"cats": [photo_like(s) for s in range(5)]})
     catalog.close()
-    assert run_cli(["snapshot", "create", "v1"], sqlite_catalog).stderr == \
+    assert run_cli(["snapshot", "create", "v1"], initialized_catalog).stderr == \
         "Error: the catalog has no train/valid split yet; run `fastclass split` first\n"
-    run_cli(["split"], sqlite_catalog)
-    assert run_cli(["snapshot", "create", "v1"], sqlite_catalog).exit_code == 0
-    again = run_cli(["snapshot", "create", "v1", "--note", "other"], sqlite_catalog)
+    run_cli(["split"], initialized_catalog)
+    assert run_cli(["snapshot", "create", "v1"], initialized_catalog).exit_code == 0
+    again = run_cli(["snapshot", "create", "v1", "--note", "other"], initialized_catalog)
     assert again.exit_code == 1 and again.stderr == (
         "Error: snapshot 'v1' already exists and snapshots never change; pick another name "
         "(or `fastclass snapshot delete v1` first)\n")
-    assert run_cli(["snapshot", "create", "../x"], sqlite_catalog).stderr.startswith(
+    assert run_cli(["snapshot", "create", "../x"], initialized_catalog).stderr.startswith(
         "Error: snapshot name '../x' is not allowed")
-    assert run_cli(["snapshot", "show", "nope"], sqlite_catalog).stderr == \
+    assert run_cli(["snapshot", "show", "nope"], initialized_catalog).stderr == \
         "Error: no snapshot 'nope' in the catalog (see `fastclass snapshot list`)\n"
-    assert run_cli(["snapshot", "create", "v2", "--label", "dogs"], sqlite_catalog).stderr == \
+    assert run_cli(["snapshot", "create", "v2", "--label", "dogs"], initialized_catalog).stderr == \
         "Error: no label 'dogs' in the catalog (see `fastclass labels`)\n"
     # A new ok image without a side must be split before it can be frozen.
-    catalog = open_catalog(sqlite_catalog)
+    catalog = open_catalog(initialized_catalog)
     add_images(catalog, tmp_path / "b", {"cats": [photo_like(50)]})
     catalog.close()
-    assert run_cli(["snapshot", "create", "v2"], sqlite_catalog).stderr == \
+    assert run_cli(["snapshot", "create", "v2"], initialized_catalog).stderr == \
         "Error: 1 ok image(s) have no train/valid side yet; run `fastclass split` first\n"
-    listed = json.loads(run_cli(["snapshot", "list", "--json"], sqlite_catalog).stdout)
+    listed = json.loads(run_cli(["snapshot", "list", "--json"], initialized_catalog).stdout)
     assert [s["name"] for s in listed] == ["v1"]
 
 
-def test_label_filter_and_min_per_label(sqlite_catalog, tmp_path):
-    catalog = open_catalog(sqlite_catalog)
+def test_label_filter_and_min_per_label(initialized_catalog, tmp_path):
+    catalog = open_catalog(initialized_catalog)
     grow(catalog, tmp_path / "a", {"cats": [photo_like(s) for s in range(6)], "dogs": [photo_like(s) for s in range(6, 8)],
                                    "owls": [photo_like(s) for s in range(8, 13)]})
     catalog.close()
-    result = run_cli(["snapshot", "create", "big", "--min-per-label", "3", "--json"], sqlite_catalog)
+    result = run_cli(["snapshot", "create", "big", "--min-per-label", "3", "--json"], initialized_catalog)
     data = json.loads(result.stdout)
     assert sorted(data["labels"]) == ["cats", "owls"] and data["excluded_labels"] == {"dogs": 2}
-    only = json.loads(run_cli(["snapshot", "create", "owls", "--label", "owls", "--json"], sqlite_catalog).stdout)
+    only = json.loads(run_cli(["snapshot", "create", "owls", "--label", "owls", "--json"], initialized_catalog).stdout)
     assert list(only["labels"]) == ["owls"] and only["images"] == 5 and only["label_filter"] == ["owls"]
 
 
-def test_diff_is_exact(sqlite_catalog, tmp_path):
-    catalog = open_catalog(sqlite_catalog)
+def test_diff_is_exact(initialized_catalog, tmp_path):
+    catalog = open_catalog(initialized_catalog)
     grow(catalog, tmp_path / "a", {"cats": [photo_like(s) for s in range(10)], "dogs": [photo_like(s) for s in range(10, 20)]})
     snap(catalog, "a")
     old = {i.sha256: i for i in snapshot_items_of(catalog, "a")}
@@ -153,21 +153,21 @@ def test_diff_is_exact(sqlite_catalog, tmp_path):
     new = {i.sha256: i for i in snapshot_items_of(catalog, "b")}
     catalog.close()
 
-    result = json.loads(run_cli(["snapshot", "diff", "a", "b", "--json"], sqlite_catalog).stdout)
+    result = json.loads(run_cli(["snapshot", "diff", "a", "b", "--json"], initialized_catalog).stdout)
     added = sorted(new.keys() - old.keys())
     assert result["added"] == [{"sha256": s, "label": "cats", "split": "valid" if new[s].is_valid else "train"}
                                for s in added] and len(added) == 2
     assert result["removed"] == [{"sha256": cat_train[1], "label": "cats", "split": "train"}]
     assert result["relabelled"] == [{"sha256": cat_train[0], "from": "cats", "to": "dogs"}]
     assert result["moved"] == [] and result["unchanged"] == 18
-    text = run_cli(["snapshot", "diff", "a", "b"], sqlite_catalog).stdout.splitlines()
+    text = run_cli(["snapshot", "diff", "a", "b"], initialized_catalog).stdout.splitlines()
     assert text[0] == "a -> b: 2 added, 1 removed, 1 relabelled, 0 moved, 18 unchanged"
     assert f"  ~ {cat_train[0][:16]}  label cats -> dogs" in text
 
     # A new split with another seed moves images between train and valid; diff lists every move.
-    run_cli(["split", "--seed", "9", "--new"], sqlite_catalog)
-    run_cli(["snapshot", "create", "c"], sqlite_catalog)
-    catalog = open_catalog(sqlite_catalog)
+    run_cli(["split", "--seed", "9", "--new"], initialized_catalog)
+    run_cli(["snapshot", "create", "c"], initialized_catalog)
+    catalog = open_catalog(initialized_catalog)
     with catalog.session() as session:
         diff = diff_snapshots(session, "b", "c")
     third = {i.sha256: i for i in snapshot_items_of(catalog, "c")}
@@ -178,8 +178,8 @@ def test_diff_is_exact(sqlite_catalog, tmp_path):
     assert not diff.added and not diff.removed and not diff.relabelled
 
 
-def test_export_trees_are_exact(sqlite_catalog, tmp_path):
-    catalog = open_catalog(sqlite_catalog)
+def test_export_trees_are_exact(initialized_catalog, tmp_path):
+    catalog = open_catalog(initialized_catalog)
     grow(catalog, tmp_path / "a", {"cats": [photo_like(s) for s in range(6)],
                                    "dogs": [photo_like(s, fmt="JPEG") for s in range(6, 11)]})
     snap(catalog, "v1")
@@ -188,7 +188,7 @@ def test_export_trees_are_exact(sqlite_catalog, tmp_path):
     catalog.close()
 
     out = tmp_path / "folder"
-    result = run_cli(["snapshot", "export", "v1", str(out)], sqlite_catalog)
+    result = run_cli(["snapshot", "export", "v1", str(out)], initialized_catalog)
     assert result.exit_code == 0, result.stderr
     expected = {f"{'valid' if i.is_valid else 'train'}/{i.label}/{i.sha256}.{i.store_path.rsplit('.', 1)[1]}": i
                 for i in items}
@@ -199,7 +199,7 @@ def test_export_trees_are_exact(sqlite_catalog, tmp_path):
     assert json.loads((out / "snapshot.json").read_text())["name"] == "v1"
 
     out_csv = tmp_path / "table"
-    assert run_cli(["snapshot", "export", "v1", str(out_csv), "--format", "csv"], sqlite_catalog).exit_code == 0
+    assert run_cli(["snapshot", "export", "v1", str(out_csv), "--format", "csv"], initialized_catalog).exit_code == 0
     with open(out_csv / "labels.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["path", "label", "is_valid"]
@@ -211,33 +211,33 @@ def test_export_trees_are_exact(sqlite_catalog, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    refused = run_cli(["snapshot", "export", "v1", str(busy)], sqlite_catalog)
+    refused = run_cli(["snapshot", "export", "v1", str(busy)], initialized_catalog)
     assert refused.exit_code == 1 and "is not an empty folder" in refused.stderr
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name], "no half-written export left behind"
 
 
-def test_prune_keeps_files_a_snapshot_holds(sqlite_catalog, tmp_path):
-    catalog = open_catalog(sqlite_catalog)
+def test_prune_keeps_files_a_snapshot_holds(initialized_catalog, tmp_path):
+    catalog = open_catalog(initialized_catalog)
     grow(catalog, tmp_path / "a", {"cats": [photo_like(s, (64, 64)) for s in range(4)] +
                                    [photo_like(s, (40, 40)) for s in range(4, 6)]})
     snap(catalog, "v1")
     store = catalog.store
     catalog.close()
-    small = sqlite_rows(sqlite_catalog, "SELECT id, store_path FROM images WHERE width = 40")
+    small = catalog_rows(initialized_catalog, "SELECT id, store_path FROM images WHERE width = 40")
     # Stricter rules now reject two images that snapshot v1 holds.
-    result = run_cli(["verify", "--recheck", "--min-size", "50x50", "--prune"], sqlite_catalog)
+    result = run_cli(["verify", "--recheck", "--min-size", "50x50", "--prune"], initialized_catalog)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines()[-2:] == [
         "Pruned: removed 0 file(s) of deleted or rejected images from the store.",
         "  kept 2 file(s) that snapshot v1 holds",
     ]
     assert all(store.exists(rel) for _, rel in small)
-    assert sqlite_rows(sqlite_catalog, "SELECT DISTINCT status FROM images WHERE width = 40") == [("rejected",)]
-    assert run_cli(["snapshot", "export", "v1", str(tmp_path / "out")], sqlite_catalog).exit_code == 0
+    assert catalog_rows(initialized_catalog, "SELECT DISTINCT status FROM images WHERE width = 40") == [("rejected",)]
+    assert run_cli(["snapshot", "export", "v1", str(tmp_path / "out")], initialized_catalog).exit_code == 0
 
-    assert run_cli(["snapshot", "delete", "v1"], sqlite_catalog).stdout == "Deleted snapshot v1.\n"
-    pruned = json.loads(run_cli(["verify", "--prune", "--json"], sqlite_catalog).stdout)
+    assert run_cli(["snapshot", "delete", "v1"], initialized_catalog).stdout == "Deleted snapshot v1.\n"
+    pruned = json.loads(run_cli(["verify", "--prune", "--json"], initialized_catalog).stdout)
     assert pruned["pruned"] == 2 and pruned["held_by_snapshot"] == {}
     assert not any(store.exists(rel) for _, rel in small)
-    assert sqlite_rows(sqlite_catalog, "SELECT DISTINCT status FROM images WHERE width = 40") == [("deleted",)]
+    assert catalog_rows(initialized_catalog, "SELECT DISTINCT status FROM images WHERE width = 40") == [("deleted",)]

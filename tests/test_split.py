@@ -136,11 +136,11 @@ def _sha(catalog, seed: int) -> str:
     return hashlib.sha256(photo_like(seed, (48, 48))).hexdigest()
 
 
-def test_cli_reports_counts_and_warns_about_tiny_labels(sqlite_catalog, tmp_path):
-    catalog = open_catalog(sqlite_catalog)
+def test_cli_reports_counts_and_warns_about_tiny_labels(initialized_catalog, tmp_path):
+    catalog = open_catalog(initialized_catalog)
     add_images(catalog, tmp_path / "a", {"cats": pngs(range(10)), "lonely": pngs([99])})
     catalog.close()
-    result = run_cli(["split"], sqlite_catalog)
+    result = run_cli(["split"], initialized_catalog)
     assert result.exit_code == 0
     assert result.stdout.splitlines() == [
         "New split #1 (--valid-pct 0.2 --seed 42 --min-valid 1): assigned 11 image(s).",
@@ -149,12 +149,12 @@ def test_cli_reports_counts_and_warns_about_tiny_labels(sqlite_catalog, tmp_path
         "lonely                               1       0     0.0%      1  too small to split: all train",
     ]
     assert result.stderr == "Warning: 1 label(s) have too few images for a validation set: lonely\n"
-    data = json.loads(run_cli(["split", "--json"], sqlite_catalog).stdout)
+    data = json.loads(run_cli(["split", "--json"], initialized_catalog).stdout)
     assert data["assigned"] == 0 and data["too_small"] == ["lonely"] and not data["created"]
-    refused = run_cli(["split", "--valid-pct", "0.3"], sqlite_catalog)
+    refused = run_cli(["split", "--valid-pct", "0.3"], initialized_catalog)
     assert refused.exit_code == 1 and refused.stderr == (
         "Error: the catalog's split #1 uses --valid-pct 0.2 --seed 42 --min-valid 1; splitting with "
         "--valid-pct 0.3 --seed 42 --min-valid 1 would change the validation set, so add --new to start a new "
         "split (snapshots keep the split they were made with)\n")
-    assert run_cli(["split", "--valid-pct", "1.5", "--new"], sqlite_catalog).stderr == \
+    assert run_cli(["split", "--valid-pct", "1.5", "--new"], initialized_catalog).stderr == \
         "Error: --valid-pct must be between 0 and 1 (exclusive), not 1.5\n"
