@@ -73,8 +73,6 @@ class TrainConfig:
             raise FastclassError("--lr-mult must be at least 1 (the body learns lr/lr_mult, the head lr)")
         if self.bs < 1:
             raise FastclassError("--bs must be at least 1")
-        if self.device not in DEVICES:
-            raise FastclassError(f"unknown --device {self.device!r}; use one of: {', '.join(DEVICES)}")
 
 
 @dataclass
@@ -106,6 +104,8 @@ def resolve_device(name: str):
     """The torch device; under a multi-process launch each process takes the GPU of its LOCAL_RANK."""
     import torch
 
+    if name not in DEVICES:
+        raise FastclassError(f"unknown --device {name!r}; use one of: {', '.join(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
         raise FastclassError("--device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                              "use --device cpu or auto")
