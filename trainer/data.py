@@ -40,6 +40,7 @@ class SnapshotData:
     """A snapshot's images as a table (columns image_id, sha256, path, label, is_valid) and its label vocabulary."""
 
     name: str
+    snapshot_id: int
     digest: str
     frame: pd.DataFrame
     vocab: list[str]
@@ -73,8 +74,8 @@ def snapshot_data(session: Session, store: ImageStore, name: str) -> SnapshotDat
     vocab = sorted(frame.label.unique().tolist())
     if len(vocab) < 2:
         raise FastclassError(f"snapshot {name!r} has {len(vocab)} label(s); a classifier needs at least two")
-    digest = session.scalar(select(Snapshot.digest).where(Snapshot.name == name))
-    data = SnapshotData(name, digest, frame, vocab)
+    snapshot_id, digest = session.execute(select(Snapshot.id, Snapshot.digest).where(Snapshot.name == name)).one()
+    data = SnapshotData(name, snapshot_id, digest, frame, vocab)
     if data.valid_count == 0 or data.train_count == 0:
         raise FastclassError(f"snapshot {name!r} has {data.train_count} train and {data.valid_count} valid image(s); "
                              "training needs both (see `fastclass split --valid-pct`)")

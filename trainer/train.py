@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import RunStatus, Snapshot
+from db.models import RunStatus
 from fastclass.errors import FastclassError
 from fastclass.store import ImageStore
 from trainer.archs import PRETRAINED, build_body, get_arch
@@ -199,7 +198,6 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
     rank, world = process_group(cpu=not cuda)
     config.check(world)
     data = snapshot_data(session, store, config.snapshot)
-    snapshot_id = session.scalar(select(Snapshot.id).where(Snapshot.name == config.snapshot))
     spec = get_arch(config.arch)
     fp16 = cuda if config.fp16 is None else config.fp16
     if fp16 and not cuda:
@@ -217,7 +215,7 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
                 "presizes": [presize_for(s, config.presize) for s in config.sizes],
                 "train_images": data.train_count, "valid_images": data.valid_count, "processes": world}
     device_name = _device_name(device) + (f" x {world} processes" if world > 1 else "")
-    run = start_run(session, snapshot_id, spec.name, resolved, device_name, runs_root) if rank == 0 else None
+    run = start_run(session, data.snapshot_id, spec.name, resolved, device_name, runs_root) if rank == 0 else None
     started = time.monotonic()
     result = TrainResult(run.id if run else None, config.snapshot, spec.name,
                          Path(run.artifact_dir if run else runs_root), device_name, body.weights, config.lr or 0.0,
