@@ -5,7 +5,6 @@ import contextlib
 import io
 import os
 import random
-import sqlite3
 import uuid
 from pathlib import Path
 
@@ -128,11 +127,6 @@ def sqlite_catalog(tmp_path: Path) -> str:
     location = str(tmp_path / "catalog.db")
     init_catalog(location)
     return location
-
-
-def sqlite_rows(location: str, sql: str) -> list[tuple]:
-    with sqlite3.connect(location) as conn:
-        return conn.execute(sql).fetchall()
 
 
 def add_images(catalog, root: Path, spec: dict[str, list[bytes]]) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from fastclass.importer import import_folder
 from fastclass.store import ImageStore
@@ -101,7 +101,7 @@ def start_import_and_wait_for_first_commit(tmp_path, count: int = 1500):
         try:
             if catalog_rows(str(location), "SELECT count(*) FROM images")[0][0] > 0:
                 break
-        except sqlite3.OperationalError:
+        except OperationalError:
             pass
         time.sleep(0.01)
     return src, str(location), proc

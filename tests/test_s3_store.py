@@ -10,7 +10,7 @@ import pytest
 
 from fastclass.catalog import open_catalog
 from fastclass.store import S3ImageStore, temp_name
-from tests.conftest import digit_images, image_bytes, run_cli, sqlite_rows, write
+from tests.conftest import catalog_rows, digit_images, image_bytes, run_cli, write
 
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -55,7 +55,7 @@ def test_every_command_works_on_an_s3_store(s3_env, tmp_path):
     write(tmp_path / "in" / "zero" / "page.jpg", b"<html>403</html>")
     imported = json.loads(run_cli(["import", str(tmp_path / "in"), "--json"], location).stdout)
     assert imported["new_images"] == 37 and imported["skipped"] == {"not an image (HTML/XML text)": 1}
-    stored = {row[0] for row in sqlite_rows(location, "SELECT store_path FROM images")}
+    stored = {row[0] for row in catalog_rows(location, "SELECT store_path FROM images")}
     assert objects(url) == stored and markers(url) == []
 
     verified = json.loads(run_cli(["verify", "--json"], location).stdout)
@@ -64,7 +64,7 @@ def test_every_command_works_on_an_s3_store(s3_env, tmp_path):
     assert run_cli(["split"], location).exit_code == 0
     assert run_cli(["snapshot", "create", "s3-v1"], location).exit_code == 0
     exported = run_cli(["snapshot", "export", "s3-v1", str(tmp_path / "export"), "--json"], location)
-    held = sqlite_rows(location, "SELECT count(*) FROM snapshot_items")[0][0]
+    held = catalog_rows(location, "SELECT count(*) FROM snapshot_items")[0][0]
     assert held >= 24 and json.loads(exported.stdout)["files"] == held
     assert len(list((tmp_path / "export").rglob("*.png"))) == held
 
@@ -78,7 +78,7 @@ def test_every_command_works_on_an_s3_store(s3_env, tmp_path):
 
     pruned = json.loads(run_cli(["prune", "--json"], location).stdout)
     assert pruned["removed"] == 1
-    assert objects(url) == stored - {row[0] for row in sqlite_rows(
+    assert objects(url) == stored - {row[0] for row in catalog_rows(
         location, "SELECT store_path FROM images WHERE status = 'deleted'")}
 
 

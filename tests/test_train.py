@@ -18,7 +18,7 @@ from PIL import Image
 
 from fastclass.catalog import init_catalog, open_catalog
 from fastclass.errors import FastclassError
-from tests.conftest import digit_images, run_cli, snapshot_of, sqlite_rows, write
+from tests.conftest import catalog_rows, digit_images, run_cli, snapshot_of, write
 
 DIGITS = {"zero": 0, "one": 1, "seven": 7}
 TINY = ["--arch", "resnet18", "--no-pretrained", "--size", "64", "--freeze-epochs", "1", "--epochs", "1",
@@ -52,11 +52,11 @@ def trained(tmp_path_factory):
 
 
 def run_rows(location: str) -> list[tuple]:
-    return sqlite_rows(location, "SELECT id, status, arch, accuracy, valid_loss, tta_accuracy FROM runs ORDER BY id")
+    return catalog_rows(location, "SELECT id, status, arch, accuracy, valid_loss, tta_accuracy FROM runs ORDER BY id")
 
 
 def epoch_rows(location: str, run_id: int) -> list[tuple]:
-    return sqlite_rows(location, "SELECT epoch, phase, size, train_loss, valid_loss, error_rate, accuracy, seconds, "
+    return catalog_rows(location, "SELECT epoch, phase, size, train_loss, valid_loss, error_rate, accuracy, seconds, "
                                  f"images_per_s FROM run_epochs WHERE run_id = {run_id} ORDER BY epoch")
 
 
@@ -102,8 +102,8 @@ def test_runs_lists_and_shows_a_run(trained):
 def test_interpret_outputs_are_consistent(trained):
     out = trained.run_dir / "interpret"
     report = json.loads((out / "interpret.json").read_text())
-    valid = sqlite_rows(trained.location, "SELECT count(*) FROM snapshot_items WHERE is_valid")[0][0]
-    losses = sqlite_rows(trained.location, "SELECT image_id, is_valid, label, predicted, probability, loss "
+    valid = catalog_rows(trained.location, "SELECT count(*) FROM snapshot_items WHERE is_valid")[0][0]
+    losses = catalog_rows(trained.location, "SELECT image_id, is_valid, label, predicted, probability, loss "
                                            "FROM run_losses WHERE run_id = 1 ORDER BY loss DESC")
     assert len(losses) == 60 and report["images"] == 60
     assert sum(map(sum, report["confusion"])) == valid == report["valid_images"]
@@ -151,11 +151,11 @@ def test_clean_order_loss_walks_the_highest_losses_first(trained):
     with catalog.session() as session:
         queue = review_queue(session, order="loss", run="1")
     catalog.close()
-    by_loss = [row[0] for row in sqlite_rows(trained.location, "SELECT r.image_id FROM run_losses r JOIN images i "
+    by_loss = [row[0] for row in catalog_rows(trained.location, "SELECT r.image_id FROM run_losses r JOIN images i "
                                              "ON i.id = r.image_id WHERE r.run_id = 1 AND i.status = 'ok' "
                                              "ORDER BY r.loss DESC, r.image_id")]
     assert queue == by_loss
-    top = sqlite_rows(trained.location, f"SELECT predicted, loss FROM run_losses WHERE image_id = {queue[0]}")[0]
+    top = catalog_rows(trained.location, f"SELECT predicted, loss FROM run_losses WHERE image_id = {queue[0]}")[0]
     child = pexpect.spawn(sys.executable, ["-m", "fastclass", "--catalog", trained.location, "clean", "--order",
                                            "loss", "--run", "1"], encoding="utf-8", timeout=60,
                           dimensions=(30, 120), env=ENV)
@@ -210,13 +210,13 @@ def test_offline_pretrained_request_fails_before_any_data_is_loaded(tmp_path, mo
     assert notice == f"downloading the ImageNet weights of resnet18 from {url}"
     assert error.startswith(f"Error: cannot get the ImageNet weights of resnet18 from {url} (")
     assert error.endswith("); on a machine without network use --weights FILE (a saved state_dict) or --no-pretrained")
-    assert sqlite_rows(location, "SELECT count(*) FROM runs") == [(0,)]
+    assert catalog_rows(location, "SELECT count(*) FROM runs") == [(0,)]
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_missing_image_file_fails_before_training(tmp_path):
     location = digits_catalog(tmp_path)
-    image_id, store_path = sqlite_rows(location, "SELECT image_id, store_path FROM snapshot_items s "
+    image_id, store_path = catalog_rows(location, "SELECT image_id, store_path FROM snapshot_items s "
                                                  "JOIN images i ON i.id = s.image_id ORDER BY image_id LIMIT 1")[0]
     (tmp_path / "images" / store_path).unlink()
     result = run_cli(["train", "--snapshot", "digits", *TINY], location)
@@ -224,7 +224,7 @@ def test_a_missing_image_file_fails_before_training(tmp_path):
     assert result.stderr == (f"Error: 1 file(s) of snapshot 'digits' are missing from the image store "
                              f"{tmp_path / 'images'} (first: {store_path}, image {image_id}); restore the store, "
                              "or make a new snapshot without them\n")
-    assert sqlite_rows(location, "SELECT count(*) FROM runs") == [(0,)]
+    assert catalog_rows(location, "SELECT count(*) FROM runs") == [(0,)]
 
 
 def test_bad_options_are_refused_before_training(trained):
@@ -329,7 +329,7 @@ def test_progressive_resizing_and_lr_find(trained):
     assert result.exit_code == 0, result.output
     run_id = int(result.stdout.split()[1].rstrip(":"))
     assert [(e[1], e[2]) for e in epoch_rows(trained.location, run_id)] == [("unfrozen", 48), ("unfrozen", 64)]
-    config = json.loads(sqlite_rows(trained.location, f"SELECT config FROM runs WHERE id = {run_id}")[0][0])
+    config = json.loads(catalog_rows(trained.location, f"SELECT config FROM runs WHERE id = {run_id}")[0][0])
     assert config["lr"] is None and 1e-7 < config["lr_found"] < 1 and config["halve_bs"] is True
     assert f"lr_find suggests lr {config['lr_found']:.2e}" in result.stdout
 
@@ -344,7 +344,7 @@ def _wait_for_epochs(location: str, proc: subprocess.Popen, count: int) -> int:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        rows = sqlite_rows(location, "SELECT run_id, count(*) FROM run_epochs GROUP BY run_id ORDER BY run_id DESC")
+        rows = catalog_rows(location, "SELECT run_id, count(*) FROM run_epochs GROUP BY run_id ORDER BY run_id DESC")
         if rows and rows[0][1] >= count:
             return rows[0][0]
         time.sleep(0.2)
@@ -375,7 +375,7 @@ def test_ctrl_c_marks_the_run_interrupted(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert stderr.endswith("Error: interrupted; everything committed so far is kept, re-run to continue\n")
-    assert sqlite_rows(location, f"SELECT status, error FROM runs WHERE id = {run_id}") == [
+    assert catalog_rows(location, f"SELECT status, error FROM runs WHERE id = {run_id}") == [
         ("interrupted", "interrupted (Ctrl-C)")]
 
 
@@ -387,7 +387,7 @@ def test_two_processes_train_one_run_recorded_once(tmp_path):
                              *TINY, "--nproc", "2", "--json"], capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads(result.stdout[result.stdout.index("{"):])
-    assert sqlite_rows(location, "SELECT id, status, device FROM runs") == [
+    assert catalog_rows(location, "SELECT id, status, device FROM runs") == [
         (run["run_id"], "done", run["device"])]
     assert run["device"].endswith(" x 2 processes")
     assert [(e[0], e[1]) for e in epoch_rows(location, run["run_id"])] == [(0, "frozen"), (1, "unfrozen")]
@@ -396,7 +396,7 @@ def test_two_processes_train_one_run_recorded_once(tmp_path):
     with open(Path(run["artifact_dir"]) / "metrics.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 2
     # The validation metrics are gathered from both processes: accuracy counts all 12 valid images.
-    valid = sqlite_rows(location, "SELECT count(*) FROM snapshot_items WHERE is_valid")[0][0]
+    valid = catalog_rows(location, "SELECT count(*) FROM snapshot_items WHERE is_valid")[0][0]
     for *_, accuracy, _, _ in epoch_rows(location, run["run_id"]):
         assert round(accuracy * valid) == pytest.approx(accuracy * valid, abs=1e-4)
     refused = run_cli(["train", "--snapshot", "digits", *TINY, "--lr", "auto", "--nproc", "2"], location)
