@@ -59,16 +59,17 @@ def to_unsigned64(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
 
 
-_WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64))
-
-
 def bits_to_int(bits: np.ndarray) -> int:
     """Row-major boolean 8x8 -> signed 64-bit, first bit most significant (imagehash's hex order)."""
-    return to_signed64(int(np.bitwise_or.reduce(_WEIGHTS[bits.ravel()])))
+    return int.from_bytes(np.packbits(bits).tobytes(), "big", signed=True)
 
 
 def _median_bits(block: np.ndarray) -> int:
-    return bits_to_int(block > np.median(block))
+    # np.median of 64 values, without its generic-path overhead (a third of a hash's time): the mean of
+    # the two middle values, computed in the same order, so the bits stay identical to imagehash's.
+    flat = block.ravel()
+    middle = np.partition(flat, (31, 32))
+    return bits_to_int(flat > (middle[31] + middle[32]) / 2)
 
 
 @register_hash("phash", version=1)
