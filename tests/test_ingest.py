@@ -1,16 +1,22 @@
 """Ingest: the real format from the bytes, hashes, one image per content with one source per provenance."""
 from __future__ import annotations
 
+import io
+import os
 import random
+import threading
 
+import imagehash
+import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import func, select
 
 from db.models import Image as ImageRow
 from db.models import ImageHash, Source
 from fastclass.hashes import HASH_KINDS, to_unsigned64
 from fastclass.sample import jpeg_bytes, load_photo, random_crop
-from fastclass.ingest import NotAnImage, SourceInfo, analyze_bytes, ingest_bytes
+from fastclass.ingest import NotAnImage, SourceInfo, analyze_bytes, ingest_bytes, read_capped
 from tests.conftest import image_bytes
 
 
@@ -35,6 +41,67 @@ def test_hashes_survive_recompression_and_resizing_but_differ_between_images():
     distance = lambda a, b: bin(to_unsigned64(a) ^ to_unsigned64(b)).count("1")
     assert distance(base, near) <= 4
     assert distance(base, far) > 16
+
+
+def _as_ingest_decodes(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.draft("L", (32, 32))
+    return img.convert("L")
+
+
+def test_hashes_are_imagehashs_of_the_image_as_ingest_decodes_it():
+    """phash and dhash bit for bit; phash_flip is imagehash's phash of the mirrored image."""
+    rng = random.Random(11)
+    photos = [load_photo("china.jpg"), load_photo("flower.jpg")]
+    samples = [jpeg_bytes(random_crop(rng.choice(photos), (rng.randint(40, 900), rng.randint(40, 700)), rng))
+               for _ in range(60)]
+    for seed in range(20):  # noise at odd sizes, as PNG (no reduced decode)
+        shape = (rng.randint(9, 150), rng.randint(9, 150))
+        pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+        samples.append(_png(Image.fromarray(pixels)))
+    for data in samples:
+        gray = _as_ingest_decodes(data)
+        ours = {kind: to_unsigned64(value) for kind, value in analyze_bytes(data).hashes.items()}
+        assert ours == {
+            "phash": int(str(imagehash.phash(gray)), 16),
+            "dhash": int(str(imagehash.dhash(gray)), 16),
+            "phash_flip": int(str(imagehash.phash(gray.transpose(Image.Transpose.FLIP_LEFT_RIGHT))), 16),
+        }
+
+
+def _png(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_read_capped_reads_whole_files_up_to_the_cap(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 1000)
+    assert read_capped(path, 1000) == b"x" * 1000
+    with pytest.raises(NotAnImage, match="^file is over the size limit of 999 bytes$"):
+        read_capped(path, 999)
+
+
+def test_read_capped_reads_a_pipe_whose_size_is_unknown(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_bytes, args=(b"y" * 70_000,))
+    writer.start()
+    assert read_capped(fifo, 100_000) == b"y" * 70_000
+    writer.join()
+    writer = threading.Thread(target=lambda: _write_ignoring_broken_pipe(fifo, b"y" * 70_000))
+    writer.start()
+    with pytest.raises(NotAnImage, match="over the size limit of 50000 bytes"):
+        read_capped(fifo, 50_000)
+    writer.join()
+
+
+def _write_ignoring_broken_pipe(path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except BrokenPipeError:
+        pass
 
 
 @pytest.mark.parametrize("data, reason", [
