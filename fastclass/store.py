@@ -58,9 +58,12 @@ def _link(src: Path, dst: Path) -> None:
         os.link(src, dst)
 
 
-def _unlink_twin(temp: Path) -> None:
-    temp.unlink(missing_ok=True)
-    temp.with_name(temp.name + ".copy").unlink(missing_ok=True)
+def _replace(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except FileNotFoundError:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
 
 
 def pid_alive(pid: int) -> bool:
@@ -149,17 +152,21 @@ class ImageStore:
     def _place_by_copy(self, temp: Path, final: Path, data: bytes) -> None:
         # Filesystems without hard links: a second temp renamed into place; the first stays as the twin.
         staging = temp.with_name(temp.name + ".copy")
-        _write_new(staging, data)
-        if final.exists():
-            staging.unlink()
-        else:
-            os.replace(staging, final)
+        try:
+            _write_new(staging, data)
+            if not final.exists():
+                _replace(staging, final)
+        finally:
+            staging.unlink(missing_ok=True)  # already gone once renamed into place
 
     def release(self, files: Iterable[StoredFile]) -> None:
         """Drop the temp twins of files whose catalog rows are committed."""
         for stored in files:
             if stored.temp is not None:
-                _unlink_twin(stored.temp)
+                try:
+                    os.unlink(stored.temp)
+                except FileNotFoundError:
+                    pass
 
     def discard(self, files: Iterable[StoredFile], is_recorded: Callable[[str], bool]) -> None:
         """Undo puts whose rows were not committed (rollback, interrupt): remove unclaimed final files."""
@@ -171,8 +178,8 @@ class ImageStore:
         """Remove what crashed writers on this host left behind; returns the number of temp files cleared."""
         stale = [(temp, sha) for temp, sha, host, pid in self._temp_entries()
                  if pid < 0 or (host == self._host and not pid_alive(pid))]
-        for temp, _ in stale:
-            _unlink_twin(temp)
+        for temp, _ in stale:  # a copy-mode staging file (<twin>.copy) is an entry of its own
+            temp.unlink(missing_ok=True)
         self._remove_orphans({sha for _, sha in stale if sha}, is_recorded)
         if stale:
             log.info("cleared %d temp file(s) left by an interrupted run in %s", len(stale), self.temp_dir)

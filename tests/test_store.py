@@ -1,6 +1,7 @@
 """The content-addressed store: layout, temp twins, and clean-up after crashed writers."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -69,3 +70,39 @@ def test_twins_of_a_live_writer_are_left_alone(tmp_path):
     stored = store.put(sha(b"busy"), "jpg", b"busy")
     assert store.clear_stale_temp(is_recorded=lambda s: False) == 0
     assert stored.temp.exists() and store.exists(stored.relpath)
+
+
+def _no_hard_links(src, dst):
+    raise PermissionError(errno.EPERM, "Operation not permitted")
+
+
+def test_a_filesystem_without_hard_links_gets_a_copy_and_keeps_the_twin(tmp_path, monkeypatch):
+    """Where link(2) is refused (some network and FUSE mounts), the final file is a renamed second copy."""
+    store = ImageStore(tmp_path / "s")
+    store.create()
+    monkeypatch.setattr(os, "link", _no_hard_links)
+    stored = store.put(sha(b"copied"), "jpg", b"copied")
+    assert store.path(stored.relpath).read_bytes() == b"copied"
+    assert not os.path.samefile(stored.temp, store.path(stored.relpath))
+    assert [p.name for p in store.temp_dir.iterdir()] == [stored.temp.name]
+    store.release([stored])
+    assert list(store.temp_dir.iterdir()) == []
+    assert list(store.iter_files()) == [stored.relpath]
+
+
+def test_a_dead_writers_copy_staging_file_is_cleared_with_its_twin(tmp_path):
+    root = tmp_path / "s"
+    ImageStore(root).create()
+    # A writer killed between writing the staging copy and renaming it into place.
+    code = (
+        "import hashlib, os; from pathlib import Path; from fastclass.store import ImageStore\n"
+        f"s = ImageStore(Path({str(root)!r}))\n"
+        "d = b'half-placed'\n"
+        "stored = s.put(hashlib.sha256(d).hexdigest(), 'jpg', d)\n"
+        "Path(str(stored.temp) + '.copy').write_bytes(d)\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    store = ImageStore(root)
+    assert store.clear_stale_temp(is_recorded=lambda s: False) == 2
+    assert list(store.temp_dir.iterdir()) == [] and list(store.iter_files()) == []
