@@ -5,7 +5,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from sqlalchemy.orm import Session
 
@@ -56,31 +56,61 @@ class _Task:
 
 def list_import_files(root: Path, label: str | None) -> tuple[list[tuple[Path, str]], Counter]:
     """(file, label) pairs under root: DIR/<label>/... or every file with the given label; plus skips."""
-    files, skipped = [], Counter()
+    files: list[tuple[Path, str]] = []
+    skipped: Counter = Counter()
     fixed = normalize_label(label) if label else None
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        here = Path(dirpath)
-        for name in sorted(filenames):
-            path = here / name
-            if name.startswith("."):
-                skipped["hidden file"] += 1
-                continue
-            if not path.is_file():
-                skipped["not a regular file"] += 1
-                continue
-            if fixed:
-                files.append((path, fixed))
-                continue
-            rel = path.relative_to(root)
-            if len(rel.parts) < 2:
-                skipped["file outside a label folder (use --label for a flat folder)"] += 1
-                continue
-            try:
-                files.append((path, normalize_label(rel.parts[0])))
-            except FastclassError:
-                skipped["label folder name is not a valid label"] += 1
+    for path, depth in _walk_files(root, skipped, frozenset()):
+        if fixed:
+            files.append((path, fixed))
+            continue
+        if depth < 2:
+            skipped["file outside a label folder (use --label for a flat folder)"] += 1
+            continue
+        try:
+            files.append((path, normalize_label(path.relative_to(root).parts[0])))
+        except FastclassError:
+            skipped["label folder name is not a valid label"] += 1
     return files, skipped
+
+
+def _walk_files(folder: Path, skipped: Counter, above: frozenset[tuple[int, int]],
+                depth: int = 1) -> Iterator[tuple[Path, int]]:
+    """Files under folder in name order, with their depth (1 = directly in the root); hidden ones skipped.
+
+    Links to files and folders are followed, except a link to a folder above it (a loop).
+    scandir's entries know their type from the listing itself: no stat per file, except for links.
+    """
+    try:
+        info = folder.stat()
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError as exc:
+        if depth == 1:
+            raise FastclassError(f"cannot read folder {folder}: {exc.strerror or exc}") from exc
+        skipped["unreadable folder"] += 1
+        return
+    key = (info.st_dev, info.st_ino)
+    if key in above:
+        skipped["link to a folder above it (a loop)"] += 1
+        return
+    subfolders = []
+    for entry in entries:
+        try:
+            if entry.name.startswith("."):
+                if not entry.is_dir():
+                    skipped["hidden file"] += 1
+            elif entry.is_dir():
+                subfolders.append(Path(entry.path))
+            elif entry.is_file():
+                yield Path(entry.path), depth
+            elif entry.is_symlink():
+                skipped["broken link"] += 1
+            else:
+                skipped["not a regular file"] += 1
+        except OSError:
+            skipped["not a regular file"] += 1
+    for sub in subfolders:
+        yield from _walk_files(sub, skipped, above | {key}, depth + 1)
 
 
 def _prepare(task: _Task) -> tuple[_Task, PreparedImage | None, str | None]:

@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from db.models import Source
 from fastclass.importer import import_folder
 from fastclass.store import ImageStore
 from tests.conftest import catalog_rows, image_bytes, run_cli, write
@@ -58,6 +60,30 @@ def test_import_stores_images_and_skips_the_rest_with_reasons(catalog, tmp_path)
             assert catalog.store.exists(row.store_path)
             assert row.store_path.startswith(row.sha256[:2] + "/" + row.sha256)
     assert len(list(catalog.store.iter_files())) == 8
+
+
+def test_listing_follows_links_once_and_names_what_it_skips(catalog, tmp_path):
+    outside = tmp_path / "elsewhere"
+    write(outside / "tabby.jpg", image_bytes("JPEG", seed=80))
+    root = tmp_path / "in"
+    write(root / "cats" / "own.jpg", image_bytes("JPEG", seed=81))
+    (root / "cats" / "more").symlink_to(outside)  # a linked folder is followed
+    (root / "cats" / "loop").symlink_to(root / "cats")  # ... but not one above itself
+    (root / "cats" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    write(root / "cats" / ".thumbs" / "x.jpg", image_bytes("JPEG", seed=82))  # hidden folders are not read
+    os.mkfifo(root / "cats" / "pipe.jpg")
+    (root / "dogs").symlink_to(outside)  # a label folder may be a link
+    with catalog.session() as session:
+        result = import_folder(session, catalog.store, root, workers=1)
+    assert dict(result.skipped) == {
+        "broken link": 1, "not a regular file": 1, "link to a folder above it (a loop)": 1,
+    }
+    assert result.files == 6 and result.new_images == 2 and result.new_sources == 3
+    assert dict(result.new_per_label) == {"cats": 2}
+    with catalog.session() as session:
+        uris = list(session.execute(select(Source.uri).order_by(Source.uri)).scalars())
+    assert uris == [str(root / "cats" / "more" / "tabby.jpg"), str(root / "cats" / "own.jpg"),
+                    str(root / "dogs" / "tabby.jpg")]
 
 
 def test_rerun_adds_nothing_and_flat_folder_takes_label(initialized_catalog, tmp_path):
