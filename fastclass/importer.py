@@ -113,16 +113,16 @@ def _walk_files(folder: Path, skipped: Counter, above: frozenset[tuple[int, int]
         yield from _walk_files(sub, skipped, above | {key}, depth + 1)
 
 
-def _prepare(task: _Task) -> tuple[_Task, PreparedImage | None, str | None]:
+def _prepare(task: _Task) -> tuple[PreparedImage | None, str | None]:
     try:
         data = read_capped(Path(task.path), task.max_bytes)
         facts, stored = prepare_bytes(data, task.store)
     except NotAnImage as exc:
-        return task, None, str(exc)
+        return None, str(exc)
     except OSError as exc:
-        return task, None, f"unreadable file ({exc.strerror or exc})"
+        return None, f"unreadable file ({exc.strerror or exc})"
     source = SourceInfo(uri=task.path, engine="import")
-    return task, PreparedImage(facts, stored, task.label, source), None
+    return PreparedImage(facts, stored, task.label, source), None
 
 
 def import_folder(session: Session, store: ImageStore, root: Path, label: str | None = None,
@@ -140,7 +140,7 @@ def import_folder(session: Session, store: ImageStore, root: Path, label: str | 
     workers = workers or os.cpu_count() or 1
     batch: list[PreparedImage] = []
     try:
-        for done, (task, prepared, reason) in enumerate(map_in_workers(_prepare, tasks, workers), start=1):
+        for done, (prepared, reason) in enumerate(map_in_workers(_prepare, tasks, workers), start=1):
             if prepared is None:
                 result.skipped[reason] += 1
             else:
