@@ -28,6 +28,17 @@ def machine() -> str:
 
 
 def peak_rss_mib(children: bool = False) -> float:
+    """Peak resident memory of this process (or of its largest waited-for child process), in MiB.
+
+    For this process, Linux's VmHWM: getrusage's ru_maxrss survives execve, so a benchmark child started by
+    a large driver would report the driver's size instead of its own.
+    """
+    if not children:
+        try:
+            status = Path("/proc/self/status").read_text()
+            return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024
+        except (OSError, AttributeError):
+            pass
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
     return resource.getrusage(who).ru_maxrss / 1024
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PIL import Image  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 
 from bench.common import machine, peak_rss_mib, write_section  # noqa: E402
@@ -28,16 +27,32 @@ from fastclass.ingest import ids_by_sha256, insert_rows  # noqa: E402
 from fastclass.sample import write_web_jpegs  # noqa: E402
 
 
-def pillow_loop(paths: list[Path]) -> float:
-    started = time.perf_counter()
-    for path in paths:
-        with Image.open(path) as img:
-            img.load()
-    return time.perf_counter() - started
+# The baseline in a fresh process holding only Pillow: the loop, and the peak memory of just that.
+BASELINE_CHILD = """
+import sys, time
+from pathlib import Path
+from PIL import Image
+sys.path.insert(0, sys.argv[2])
+from bench.common import peak_rss_mib
+paths = sorted(Path(sys.argv[1]).iterdir())
+started = time.perf_counter()
+for path in paths:
+    with Image.open(path) as img:
+        img.load()
+print(time.perf_counter() - started, peak_rss_mib())
+"""
+
+
+def run_baseline(root: Path) -> tuple[float, float]:
+    """Seconds and peak MiB of a one-process Image.open + load() over the folder, timed inside a fresh child."""
+    out = subprocess.run([sys.executable, "-c", BASELINE_CHILD, str(root), str(Path(__file__).resolve().parents[1])],
+                         check=True, capture_output=True, text=True).stdout
+    elapsed, rss = (float(x) for x in out.split())
+    return elapsed, rss
 
 
 def run_import(root: Path, work: Path) -> tuple[float, float]:
-    """The import service in a fresh child process, timed inside it as the baseline loop is (no start-up)."""
+    """The import service in a fresh child process, timed inside it as the baseline is (no start-up)."""
     location = str(work / "catalog.db")
     work.mkdir(parents=True, exist_ok=True)
     init_catalog(location)
@@ -176,7 +191,8 @@ def main() -> None:
         images = work / "jpegs"
         paths = write_web_jpegs(images, args.count)
         size_mb = sum(p.stat().st_size for p in paths) / 2**20
-        pillow_loop(paths[:50])  # warm the page cache and Pillow's imports for both contenders
+        for path in paths:  # both contenders read the files from the page cache
+            path.read_bytes()
         waited = wait_for_quiet_file_system(work, paths[0].read_bytes())
         # This machine's CPU share varies from minute to minute: interleave rounds; report best and median.
         loops, imports, probes, creates = [], [], [], []
@@ -184,13 +200,12 @@ def main() -> None:
             probes.append(parallelism_probe())
             creates.append(file_create_probe(work / f"probe{attempt}", paths[0].read_bytes()))
             os.sync()  # no write-back of earlier rounds' files during either contender's clock
-            loops.append(pillow_loop(paths))
+            loops.append(run_baseline(images))
             os.sync()
             imports.append(run_import(images, work / f"import{attempt}"))
-        loop_s, loop_rss = min(loops), peak_rss_mib()
-        import_s = min(t for t, _ in imports)
-        median_ratio = statistics.median(loop / t for loop, (t, _) in zip(loops, imports))
-        import_rss = max(rss for _, rss in imports)
+        loop_s, loop_rss = min(t for t, _ in loops), max(rss for _, rss in loops)
+        import_s, import_rss = min(t for t, _ in imports), max(rss for _, rss in imports)
+        ratios = [loop / t for (loop, _), (t, _) in zip(loops, imports)]
         inserts = [bulk_insert(work, args.rows) for _ in range(args.rounds)]
         core, core_returning, raw = (max(column) for column in zip(*inserts))
     finally:
@@ -208,11 +223,12 @@ def main() -> None:
 | `fastclass import` (sha256, header, draft decode, 3 perceptual hashes, store write, catalog rows) | {import_rate:.0f} | {import_rss:.0f} MiB (largest of parent, workers) |
 
 Ingest / baseline: **{import_rate / loop_rate:.2f}x** best of {args.rounds} interleaved rounds (each contender's
-fastest), **{median_ratio:.2f}x** median of the rounds' own ratios; target >= 1.5x. Per round, ingest / baseline:
-{", ".join(f"{loop / t:.2f}" for loop, (t, _) in zip(loops, imports))}.
-`import_folder` (the service behind `fastclass import`, with its worker pool) is timed inside a fresh child
-process, like the baseline loop, so interpreter start-up (~0.5 s) counts for neither; each contender starts after
-a `sync`, so that neither pays for writing back the files of an earlier round.
+fastest), **{statistics.median(ratios):.2f}x** median of the rounds' own ratios; target >= 1.5x. Per round,
+ingest / baseline: {", ".join(f"{r:.2f}" for r in ratios)}.
+Each contender runs in a fresh child process, timed inside it, so interpreter start-up (~0.5 s) counts for
+neither: the baseline with only Pillow loaded, `import_folder` (the service behind `fastclass import`) with its
+worker pool. Peak memory is the largest resident set of the child (Linux VmHWM) and, for the import, of its
+workers. Each contender starts after a `sync`, so that neither pays for writing back an earlier round's files.
 
 This VM's CPU share and file system vary from minute to minute, so each round also records two probes. Cores'
 worth of CPU that two processes got (2.00 on an idle 2-core machine): {", ".join(f"{p:.2f}" for p in probes)}.
