@@ -50,20 +50,13 @@ def _write_new(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-def _link(src: Path, dst: Path) -> None:
+def _place(move: Callable[[Path, Path], None], src: Path, dst: Path) -> None:
+    """os.link or os.replace src to dst, making dst's fan-out folder on first use (as _write_new does)."""
     try:
-        os.link(src, dst)
+        move(src, dst)
     except FileNotFoundError:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        os.link(src, dst)
-
-
-def _replace(src: Path, dst: Path) -> None:
-    try:
-        os.replace(src, dst)
-    except FileNotFoundError:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+        move(src, dst)
 
 
 def pid_alive(pid: int) -> bool:
@@ -137,7 +130,7 @@ class ImageStore:
         try:
             _write_new(temp, data)
             try:
-                _link(temp, final)
+                _place(os.link, temp, final)
             except FileExistsError:
                 pass
             except OSError as exc:
@@ -155,7 +148,7 @@ class ImageStore:
         try:
             _write_new(staging, data)
             if not final.exists():
-                _replace(staging, final)
+                _place(os.replace, staging, final)
         finally:
             staging.unlink(missing_ok=True)  # already gone once renamed into place
 

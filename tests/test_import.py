@@ -62,7 +62,7 @@ def test_import_stores_images_and_skips_the_rest_with_reasons(catalog, tmp_path)
     assert len(list(catalog.store.iter_files())) == 8
 
 
-def test_listing_follows_links_once_and_names_what_it_skips(catalog, tmp_path):
+def test_listing_follows_links_but_not_loops_and_names_what_it_skips(catalog, tmp_path):
     outside = tmp_path / "elsewhere"
     write(outside / "tabby.jpg", image_bytes("JPEG", seed=80))
     root = tmp_path / "in"

@@ -14,6 +14,13 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def run_dead_writer(root, body: str) -> None:
+    """Run body in a real process with `s`, an ImageStore at root, that then dies without releasing."""
+    code = ("import hashlib, os; from pathlib import Path; from fastclass.store import ImageStore\n"
+            f"s = ImageStore(Path({str(root)!r}))\n" + body + "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_put_places_bytes_at_content_address_and_keeps_twin_until_release(tmp_path):
     store = ImageStore(tmp_path / "s")
     store.create()
@@ -49,14 +56,8 @@ def test_stale_twins_of_a_dead_writer_are_cleared(tmp_path):
     root = tmp_path / "s"
     ImageStore(root).create()
     # A real writer process that puts two files and dies without releasing them (as after kill -9).
-    code = (
-        "import hashlib, os, sys; from pathlib import Path; from fastclass.store import ImageStore\n"
-        f"s = ImageStore(Path({str(root)!r}))\n"
-        "for d in (b'committed', b'orphan'):\n"
-        "    s.put(hashlib.sha256(d).hexdigest(), 'jpg', d)\n"
-        "os._exit(0)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_dead_writer(root, "for d in (b'committed', b'orphan'):\n"
+                          "    s.put(hashlib.sha256(d).hexdigest(), 'jpg', d)\n")
     store = ImageStore(root)
     assert len(list(store.temp_dir.iterdir())) == 2
     assert store.clear_stale_temp(is_recorded=lambda s: s == sha(b"committed")) == 2
@@ -94,15 +95,9 @@ def test_a_dead_writers_copy_staging_file_is_cleared_with_its_twin(tmp_path):
     root = tmp_path / "s"
     ImageStore(root).create()
     # A writer killed between writing the staging copy and renaming it into place.
-    code = (
-        "import hashlib, os; from pathlib import Path; from fastclass.store import ImageStore\n"
-        f"s = ImageStore(Path({str(root)!r}))\n"
-        "d = b'half-placed'\n"
-        "stored = s.put(hashlib.sha256(d).hexdigest(), 'jpg', d)\n"
-        "Path(str(stored.temp) + '.copy').write_bytes(d)\n"
-        "os._exit(0)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_dead_writer(root, "d = b'half-placed'\n"
+                          "stored = s.put(hashlib.sha256(d).hexdigest(), 'jpg', d)\n"
+                          "Path(str(stored.temp) + '.copy').write_bytes(d)\n")
     store = ImageStore(root)
     assert store.clear_stale_temp(is_recorded=lambda s: False) == 2
     assert list(store.temp_dir.iterdir()) == [] and list(store.iter_files()) == []
