@@ -5,6 +5,7 @@ Run: .venv/bin/python bench/ingest.py [--count 2000]   (writes the "Ingest" sect
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import sqlite3
@@ -45,10 +46,7 @@ print(time.perf_counter() - started, peak_rss_mib())
 
 def run_baseline(root: Path) -> tuple[float, float]:
     """Seconds and peak MiB of a one-process Image.open + load() over the folder, timed inside a fresh child."""
-    out = subprocess.run([sys.executable, "-c", BASELINE_CHILD, str(root), str(Path(__file__).resolve().parents[1])],
-                         check=True, capture_output=True, text=True).stdout
-    elapsed, rss = (float(x) for x in out.split())
-    return elapsed, rss
+    return _timed_child(["-c", BASELINE_CHILD, str(root), str(Path(__file__).resolve().parents[1])])
 
 
 def run_import(root: Path, work: Path) -> tuple[float, float]:
@@ -56,8 +54,12 @@ def run_import(root: Path, work: Path) -> tuple[float, float]:
     location = str(work / "catalog.db")
     work.mkdir(parents=True, exist_ok=True)
     init_catalog(location)
-    out = subprocess.run([sys.executable, __file__, "--child-import", str(root), location],
-                         check=True, capture_output=True, text=True).stdout
+    return _timed_child([__file__, "--child-import", str(root), location])
+
+
+def _timed_child(args: list[str]) -> tuple[float, float]:
+    """(seconds, peak MiB) as printed by a child Python process run with args."""
+    out = subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True).stdout
     elapsed, rss = (float(x) for x in out.split())
     return elapsed, rss
 
@@ -165,7 +167,7 @@ def wait_for_quiet_file_system(work: Path, data: bytes, limit_s: float = 420, sl
     Gives up after limit_s and lets the probes in the report tell."""
     os.sync()
     started = time.perf_counter()
-    for attempt in range(1000):
+    for attempt in itertools.count():
         cost = file_create_probe(work / f"settle{attempt}", data)
         waited = time.perf_counter() - started
         if cost < slow_ms or waited > limit_s:
@@ -173,7 +175,6 @@ def wait_for_quiet_file_system(work: Path, data: bytes, limit_s: float = 420, sl
         print(f"creating a file costs {cost:.2f} ms (files were deleted nearby?): waiting for the file system "
               f"to settle ({waited:.0f} s so far)", file=sys.stderr)
         time.sleep(15)
-    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -193,12 +194,13 @@ def main() -> None:
         size_mb = sum(p.stat().st_size for p in paths) / 2**20
         for path in paths:  # both contenders read the files from the page cache
             path.read_bytes()
-        waited = wait_for_quiet_file_system(work, paths[0].read_bytes())
+        sample = paths[0].read_bytes()
+        waited = wait_for_quiet_file_system(work, sample)
         # This machine's CPU share varies from minute to minute: interleave rounds; report best and median.
         loops, imports, probes, creates = [], [], [], []
         for attempt in range(args.rounds):
             probes.append(parallelism_probe())
-            creates.append(file_create_probe(work / f"probe{attempt}", paths[0].read_bytes()))
+            creates.append(file_create_probe(work / f"probe{attempt}", sample))
             os.sync()  # no write-back of earlier rounds' files during either contender's clock
             loops.append(run_baseline(images))
             os.sync()
