@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false as sa_false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -38,7 +39,10 @@ class Base(DeclarativeBase):
 
 
 class ImageStatus(str, enum.Enum):
-    """Life cycle of an image: pending until verified, then ok or rejected; deleted by review or prune."""
+    """Life cycle of an image: pending until verified, then ok or rejected; deleted by review or prune.
+
+    fastclass/lifecycle.py owns the transitions between them and who may make each.
+    """
 
     PENDING = "pending"
     OK = "ok"
@@ -59,6 +63,10 @@ class Label(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # The prompt's relabel key (1-9), given once at creation and kept: muscle memory must not relabel wrong.
+    digit: Mapped[Optional[int]] = mapped_column(Integer)
+    # `label delete` and `label merge` retire a label rather than erase it: history rows still name it.
+    deleted_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -109,6 +117,11 @@ class Image(Base):
     reason: Mapped[Optional[str]] = mapped_column(Text)
     label_id: Mapped[Optional[int]] = mapped_column(ForeignKey("labels.id"))
     dup_group_id: Mapped[Optional[int]] = mapped_column(ForeignKey("duplicate_groups.id", ondelete="SET NULL"), index=True)
+    # A reviewer's decision stands on this image: automatic steps (dedup, split) never override it.
+    reviewed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    # An open label conflict until a reviewer decides: "labels" (sources claim several labels) or "group"
+    # (a near-duplicate group spans labels).
+    conflict: Mapped[Optional[str]] = mapped_column(String(16), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
@@ -177,6 +190,23 @@ class Review(Base):
     new_label_id: Mapped[Optional[int]] = mapped_column(ForeignKey("labels.id"))
     reviewer: Mapped[str] = mapped_column(String(100))
     undoes_id: Mapped[Optional[int]] = mapped_column(ForeignKey("reviews.id"))
+    # The open conflict this decision closed, so that its undo opens it again.
+    old_conflict: Mapped[Optional[str]] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class LabelEvent(Base):
+    """One change to a label as an object (rename, merge, delete); rows are only ever added."""
+
+    __tablename__ = "label_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action: Mapped[str] = mapped_column(String(16))
+    old_name: Mapped[Optional[str]] = mapped_column(String(200))
+    new_name: Mapped[Optional[str]] = mapped_column(String(200))
+    images: Mapped[int] = mapped_column(Integer)
+    detail: Mapped[Optional[str]] = mapped_column(Text)
+    reviewer: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 

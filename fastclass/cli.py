@@ -163,6 +163,9 @@ def import_(opts: Options, directory: Path, label: str | None, workers: int | No
                f"{result.new_sources} new source(s).")
     for lab, count in sorted(result.new_per_label.items()):
         click.echo(f"  {lab}: {count} new")
+    if result.conflicts:
+        click.echo(f"{result.conflicts} file(s) were already in the catalog under another label: each claim is "
+                   "recorded and the image is a label conflict (`fastclass clean --status conflict`).")
     if result.skipped:
         click.echo(f"Skipped {sum(result.skipped.values())} file(s):")
         for reason, count in result.skipped.most_common():
@@ -189,6 +192,9 @@ def stats(opts: Options, as_json: bool) -> None:
     click.echo(f"{'(all)':30s} {images['total']:7d}" + "".join(f" {images.get(s, 0):8d}" for s in STATUSES))
     if data["engines"]:
         click.echo("Sources per engine: " + ", ".join(f"{e} {n}" for e, n in data["engines"].items()))
+    if data["conflicts"]:
+        click.echo(f"Open label conflicts: {data['conflicts']} image(s); review them with "
+                   "`fastclass clean --status conflict` (list: `fastclass dedup --conflicts`)")
 
 
 @cli.command()
@@ -204,7 +210,8 @@ def labels(opts: Options, as_json: bool) -> None:
         echo_json(rows)
         return
     for row in rows:
-        click.echo(f"{row['name']:30s} {row['total']:7d} images ({row['ok']} ok, {row['pending']} pending, "
+        key = str(row["digit"]) if row["digit"] else " "
+        click.echo(f"{key} {row['name']:30s} {row['total']:7d} images ({row['ok']} ok, {row['pending']} pending, "
                    f"{row['rejected']} rejected, {row['deleted']} deleted)")
 
 
@@ -256,7 +263,8 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
 @click.option("--flip", is_flag=True, help="Also match left-right mirrored copies.")
 @click.option("--label", metavar="NAME", help="Only images of this label (conflicts cannot be seen then).")
 @click.option("--dry-run", is_flag=True, help="Report the groups without changing the catalog.")
-@click.option("--conflicts", "show_conflicts", is_flag=True, help="List the groups that span labels and exit.")
+@click.option("--conflicts", "show_conflicts", is_flag=True,
+              help="List the open label conflicts (claims and near-copies under two labels) and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_options
 def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str | None, dry_run: bool,
@@ -273,10 +281,19 @@ def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str 
         if as_json:
             echo_json(conflicts)
             return
-        click.echo(f"{len(conflicts)} duplicate group(s) span more than one label:")
-        for group in conflicts:
-            members = ", ".join(f"image {m['image']} ({m['label']}, {m['size']})" for m in group["members"])
-            click.echo(f"  group {group['group']}: {members}")
+        from fastclass.prompt import printable
+
+        click.echo(f"{len(conflicts)} open label conflict(s); settle each with `fastclass clean --status conflict`:")
+        for item in conflicts:
+            if item["kind"] == "labels":
+                click.echo(f"  image {item['image']} (label {item['label']}, {item['status']}): sources claim "
+                           + ", ".join(sorted({c['label'] for c in item["claims"]})))
+                for claim in item["claims"]:
+                    how = f"{claim['engine']}" + (f" job {claim['crawl_job']}" if claim["crawl_job"] else "")
+                    click.echo(printable(f"    {claim['label']}: {how} {claim['uri']}"))
+            else:
+                members = ", ".join(f"image {m['image']} ({m['label']}, {m['size']})" for m in item["members"])
+                click.echo(f"  near-duplicate group {item['group']}: {members}")
         return
     if as_json:
         echo_json(result.as_dict())
@@ -285,6 +302,8 @@ def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str 
     click.echo(f"{prefix} {result.groups} group(s) of near-duplicates among {result.images} image(s): "
                f"{result.members} member(s), {result.duplicates} marked duplicate, "
                f"{result.conflicts} label conflict(s) (see `fastclass dedup --conflicts`).")
+    if result.decided:
+        click.echo(f"  {result.decided} group(s) hold reviewed images, left as the reviewer decided.")
     for lab, count in sorted(result.duplicates_per_label.items()):
         click.echo(f"  {lab}: {count} duplicate(s)")
 
@@ -593,6 +612,9 @@ def _echo_crawl(report, max_new: int) -> None:
                f"{report.new_images} new of --max {max_new}, {report.exact_duplicates} already known, "
                f"{sum(report.rejected.values())} rejected, {sum(report.failed.values())} failed, "
                f"{report.skipped} skipped as fetched before; {report.seconds:.1f} s")
+    if report.conflicts:
+        click.echo(f"  {report.conflicts} image(s) were already in the catalog under another label: recorded as "
+                   "label conflicts (`fastclass clean --status conflict`)")
     click.echo(f"  {'engine':8s} {'found':>6s} {'skipped':>8s} {'fetched':>8s} {'new':>5s} {'dupes':>6s} {'failed':>7s}")
     for name, stats in report.engines.items():
         click.echo(f"  {name:8s} {stats.found:6d} {stats.skipped:8d} {stats.downloaded:8d} {stats.new:5d} "
@@ -669,16 +691,17 @@ def worker(opts: Options, concurrency: int, name: str | None, lease: float, poll
 @click.option("--run", metavar="RUN", help="A training run whose predictions and losses to show.")
 @click.option("--apply", "apply_file", type=click.Path(path_type=Path), metavar="FILE.csv",
               help="No prompt: apply the decisions in FILE.csv (image,action,label).")
+@click.option("--create-labels", is_flag=True, help="With --apply: relabel rows may name labels that do not exist yet.")
 @click.option("--json", "as_json", is_flag=True, help="With --apply: print the result as JSON.")
 @pass_options
 def clean(opts: Options, label: str | None, status: str, order: str, run: str | None, apply_file: Path | None,
-          as_json: bool) -> None:
+          create_labels: bool, as_json: bool) -> None:
     """Review images one key at a time: keep, delete, relabel; every decision is saved at once."""
     from fastclass.review import apply_csv, review_queue, reviewer_name, run_with_losses
 
     if apply_file is not None:
-        with opts.session() as (_, session):
-            result = apply_csv(session, apply_file)
+        with opts.session() as (catalog, session):
+            result = apply_csv(session, catalog.store, apply_file, create_labels=create_labels)
         if as_json:
             echo_json(result.as_dict())
         else:
@@ -691,6 +714,7 @@ def clean(opts: Options, label: str | None, status: str, order: str, run: str | 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise click.ClickException("clean needs a terminal; in scripts use `fastclass clean --apply decisions.csv`, "
                                    "`fastclass label set` or `fastclass delete`")
+    from fastclass.labels import relabel_digits
     from fastclass.prompt import CleanPrompt, terminal_keys
     from fastclass.stats import list_labels
 
@@ -702,7 +726,8 @@ def clean(opts: Options, label: str | None, status: str, order: str, run: str | 
         labels = [row["name"] for row in list_labels(session)]
         with terminal_keys() as read_key:
             stats = CleanPrompt(session, catalog.store, queue, labels, reviewer_name(), read_key,
-                                run_id=run_with_losses(session, run) if run else None).run()
+                                run_id=run_with_losses(session, run) if run else None,
+                                digits=relabel_digits(session)).run()
     counts = stats.counts
     click.echo(f"Saved: {counts['keep']} kept, {counts['delete']} deleted, {counts['relabel']} relabelled, "
                f"{counts['undo']} undone this session.")
@@ -738,28 +763,97 @@ def undo_(opts: Options, review_id: int) -> None:
     """Undo one review decision (recorded as a new review; nothing is erased)."""
     from fastclass.review import undo
 
-    with opts.session() as (_, session):
-        decision = undo(session, review_id)
+    with opts.session() as (catalog, session):
+        decision = undo(session, catalog.store, review_id)
     click.echo(f"Undid review {review_id}: image {decision.image_id} is {decision.new_status}, "
                f"label {decision.new_label} again (review {decision.review_id}).")
 
 
 @cli.group()
 def label() -> None:
-    """Change labels without the prompt."""
+    """Labels as objects: set on images, rename, merge, delete, history."""
 
 
 @label.command("set")
 @click.argument("name")
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("--create", is_flag=True, help="NAME may be a new label (else a typo is refused with a suggestion).")
 @pass_options
-def label_set(opts: Options, name: str, images: tuple[str, ...]) -> None:
+def label_set(opts: Options, name: str, images: tuple[str, ...], create: bool) -> None:
     """Relabel images (ids or sha256) to NAME; all or none."""
+    from fastclass.labels import did_you_mean, label_exists, normalize_label
     from fastclass.review import decide_many
 
-    with opts.session() as (_, session):
-        count = decide_many(session, images, "relabel", name)
+    with opts.session() as (catalog, session):
+        if not create and not label_exists(session, normalize_label(name)):
+            hint = did_you_mean(session, normalize_label(name))
+            if not sys.stdin.isatty() or not click.confirm(f"Label {name!r} does not exist{hint} Create it?"):
+                raise click.ClickException(f"no label {name!r} in the catalog{hint} (add --create to create it)")
+        count = decide_many(session, catalog.store, images, "relabel", name, create_label=True)
     click.echo(f"Relabelled {count} image(s) to {name}.")
+
+
+@label.command("rename")
+@click.argument("old")
+@click.argument("new")
+@pass_options
+def label_rename(opts: Options, old: str, new: str) -> None:
+    """Rename a label; its images, sources, relabel digit and history stay with it."""
+    from fastclass.labels import rename_label
+    from fastclass.review import reviewer_name
+
+    with opts.session() as (_, session):
+        change = rename_label(session, old, new, reviewer_name())
+    click.echo(f"Renamed label {change.old} to {change.new} ({change.images} image(s)).")
+
+
+@label.command("merge")
+@click.argument("source")
+@click.argument("target")
+@pass_options
+def label_merge(opts: Options, source: str, target: str) -> None:
+    """Move every image and claim of SOURCE to TARGET and retire SOURCE."""
+    from fastclass.labels import merge_labels
+    from fastclass.review import reviewer_name
+
+    with opts.session() as (_, session):
+        change = merge_labels(session, source, target, reviewer_name())
+    click.echo(f"Merged label {change.old} into {change.new}: {change.images} image(s) relabelled "
+               f"(each undoable with `fastclass undo`), {change.sources} source claim(s) moved.")
+
+
+@label.command("delete")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Also when images carry it: they are marked deleted (undoable).")
+@pass_options
+def label_delete(opts: Options, name: str, force: bool) -> None:
+    """Retire a label that no image carries (or, with --force, mark its images deleted)."""
+    from fastclass.labels import delete_label
+    from fastclass.review import reviewer_name
+
+    with opts.session() as (_, session):
+        change = delete_label(session, name, reviewer_name(), force)
+    click.echo(f"Deleted label {change.old}: {change.deleted_images} image(s) marked deleted, "
+               f"{change.sources} claim(s) by other images dropped.")
+
+
+@label.command("history")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
+@pass_options
+def label_history_(opts: Options, limit: int, as_json: bool) -> None:
+    """Renames, merges and deletions of labels, newest first."""
+    from fastclass.labels import label_history
+
+    with opts.session() as (_, session):
+        rows = label_history(session, limit)
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        change = f"{r['old']} -> {r['new']}" if r["new"] else r["old"]
+        click.echo(f"{r['id']:5d} {r['created_at']:%Y-%m-%d %H:%M:%S} {r['reviewer'][:12]:12s} {r['action']:7s} "
+                   f"{change} ({r['images']} image(s)){'; ' + r['detail'] if r['detail'] else ''}")
 
 
 @cli.command()
@@ -769,8 +863,8 @@ def delete(opts: Options, images: tuple[str, ...]) -> None:
     """Mark images (ids or sha256) deleted; their files go with the next `fastclass prune`."""
     from fastclass.review import decide_many
 
-    with opts.session() as (_, session):
-        count = decide_many(session, images, "delete")
+    with opts.session() as (catalog, session):
+        count = decide_many(session, catalog.store, images, "delete")
     click.echo(f"Deleted {count} image(s) (undo with `fastclass undo`; files stay until `fastclass prune`).")
 
 

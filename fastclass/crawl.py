@@ -44,6 +44,7 @@ from fastclass.ingest import (
     SourceInfo,
     analyze_bytes,
     commit_batch,
+    open_claim_conflicts,
     ids_by_sha256,
     insert_rows,
     is_recorded_in,
@@ -122,6 +123,8 @@ class CrawlReport:
     downloaded: int = 0
     new_images: int = 0
     exact_duplicates: int = 0
+    conflicts: int = 0
+    """Images known under another label that this crawl also found: open label conflicts now."""
     rejected: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)
     engines: dict[str, EngineStats] = field(default_factory=dict)
@@ -132,7 +135,7 @@ class CrawlReport:
         return {"job": self.job_id, "query": self.query, "label": self.label, "status": self.status,
                 "found": self.found, "skipped_known": self.skipped, "downloaded": self.downloaded,
                 "new_images": self.new_images, "exact_duplicates": self.exact_duplicates,
-                "rejected": dict(self.rejected), "failed": dict(self.failed),
+                "label_conflicts": self.conflicts, "rejected": dict(self.rejected), "failed": dict(self.failed),
                 "engines": {name: asdict(stats) for name, stats in self.engines.items()},
                 "problems": self.problems, "seconds": round(self.seconds, 2)}
 
@@ -574,6 +577,7 @@ class Crawler:
             insert_rows(self.session, Source.__table__, rows)
             report.exact_duplicates += len(rows)
             stats.duplicates += len(rows)
+            report.conflicts += open_claim_conflicts(self.session, {row["image_id"] for row in rows})
 
     def _drain(self, in_flight: dict, report: CrawlReport, block: bool = True, wait_all: bool = False) -> None:
         while in_flight:
@@ -632,6 +636,7 @@ class Crawler:
         result = commit_batch(self.session, self.store, [o.prepared for o in batch])
         report.new_images += result.new_images
         report.exact_duplicates += result.exact_duplicates
+        report.conflicts += result.new_claims
         for outcome in batch:
             sha = outcome.prepared.facts.sha256
             stats = report.engines[outcome.engine]

@@ -20,10 +20,11 @@ from scipy.sparse.csgraph import connected_components
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from db.models import DuplicateGroup, Image, ImageHash, Label, utcnow
+from db.models import DuplicateGroup, Image, ImageHash, Label, Source
 from fastclass.errors import FastclassError
 from fastclass.hashes import HASH_KINDS
 from fastclass.labels import existing_label_id
+from fastclass.lifecycle import LIVE, Actor, Conflict, Status, move
 
 MAX_CHUNK_BITS = 23  # a 2^23-entry table per chunk is 64 MiB of counts and offsets
 ELIGIBLE = ("pending", "ok", "duplicate")
@@ -186,11 +187,13 @@ class DedupResult:
     members: int = 0
     duplicates: int = 0
     conflicts: int = 0
+    decided: int = 0
+    """Groups in which a reviewer's decision stands: their reviewed members were left as decided."""
     duplicates_per_label: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
         return {"images": self.images, "groups": self.groups, "members": self.members,
-                "duplicates": self.duplicates, "conflicts": self.conflicts,
+                "duplicates": self.duplicates, "conflicts": self.conflicts, "decided": self.decided,
                 "duplicates_per_label": dict(self.duplicates_per_label)}
 
 
@@ -206,7 +209,8 @@ def find_near_duplicates(session: Session, threshold: int = 10, hash_kind: str =
         raise FastclassError(f"unknown hash kind {hash_kind!r}; use one of: phash, dhash")
     if flip and hash_kind != "phash":
         raise FastclassError("--flip works with --hash phash only")
-    query = (select(Image.id, Image.width, Image.height, Image.status, Image.label_id, ImageHash.value)
+    query = (select(Image.id, Image.width, Image.height, Image.status, Image.label_id, Image.reviewed,
+                    ImageHash.value)
              .join(ImageHash, (ImageHash.image_id == Image.id) & (ImageHash.kind == hash_kind))
              .where(Image.status.in_(ELIGIBLE)).order_by(Image.id))
     if label is not None:
@@ -229,15 +233,15 @@ def find_near_duplicates(session: Session, threshold: int = 10, hash_kind: str =
 def _replace_groups(session: Session, rows, groups: list[list[int]], labels: dict[int, str], threshold: int,
                     hash_kind: str, flip: bool, result: DedupResult, dry_run: bool) -> None:
     ids = [r.id for r in rows]
-    now = utcnow()
     if not dry_run:
         # The previous grouping is replaced whole: images that are no longer a non-keeper go back to
-        # pending, and verify re-checks them cheaply.
+        # pending, and verify re-checks them cheaply. Reviewed images keep what the reviewer decided.
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
-            session.execute(update(Image).where(Image.id.in_(chunk), Image.status == "duplicate")
-                            .values(status="pending", reason=None, updated_at=now))
+            move(session, Actor.DEDUP, chunk, [Status.DUPLICATE], Status.PENDING, reason=None, unreviewed_only=True)
             session.execute(update(Image).where(Image.id.in_(chunk)).values(dup_group_id=None))
+            session.execute(update(Image).where(Image.id.in_(chunk), Image.conflict == Conflict.GROUP.value)
+                            .values(conflict=None))
         session.execute(delete(DuplicateGroup).where(~DuplicateGroup.id.in_(
             select(Image.dup_group_id).where(Image.dup_group_id.is_not(None)))))
     for positions in groups:
@@ -245,12 +249,17 @@ def _replace_groups(session: Session, rows, groups: list[list[int]], labels: dic
         keeper = members[0]
         member_labels = {m.label_id for m in members}
         conflict = len(member_labels) > 1
+        undecided = [m for m in members if not m.reviewed]
         result.groups += 1
         result.members += len(members)
-        result.conflicts += conflict
-        if not conflict:
-            result.duplicates += len(members) - 1
-            result.duplicates_per_label[labels.get(keeper.label_id, "(unlabelled)")] += len(members) - 1
+        result.decided += len(undecided) < len(members)
+        if conflict:
+            result.conflicts += bool(undecided)
+        else:
+            marked = [m for m in members[1:] if not m.reviewed]
+            result.duplicates += len(marked)
+            if marked:
+                result.duplicates_per_label[labels.get(keeper.label_id, "(unlabelled)")] += len(marked)
         if dry_run:
             continue
         group = DuplicateGroup(hash_kind=hash_kind, threshold=threshold, flip=flip, keeper_id=keeper.id,
@@ -258,9 +267,13 @@ def _replace_groups(session: Session, rows, groups: list[list[int]], labels: dic
         session.add(group)
         session.flush()
         session.execute(update(Image).where(Image.id.in_([m.id for m in members])).values(dup_group_id=group.id))
-        if not conflict:
-            session.execute(update(Image).where(Image.id.in_([m.id for m in members[1:]])).values(
-                status="duplicate", reason=f"near-duplicate of image {keeper.id}", updated_at=now))
+        if conflict:
+            # Every member stays until a reviewer picks the label; the conflict is theirs to close.
+            session.execute(update(Image).where(Image.id.in_([m.id for m in undecided]), Image.conflict.is_(None))
+                            .values(conflict=Conflict.GROUP.value))
+        else:
+            move(session, Actor.DEDUP, [m.id for m in members[1:]], [Status.PENDING, Status.OK], Status.DUPLICATE,
+                 reason=f"near-duplicate of image {keeper.id}", unreviewed_only=True)
     if dry_run:
         session.rollback()
     else:
@@ -268,15 +281,33 @@ def _replace_groups(session: Session, rows, groups: list[list[int]], labels: dic
 
 
 def list_conflicts(session: Session) -> list[dict]:
-    """Duplicate groups that span labels, with their members, for review."""
+    """Open label conflicts, for review: each image whose sources claim several labels, with every claim
+    and where it came from, and each near-duplicate group spanning labels with an undecided member."""
     out = []
-    for group in session.execute(select(DuplicateGroup).where(DuplicateGroup.is_conflict)
-                                 .order_by(DuplicateGroup.id)).scalars():
+    open_ids = session.scalars(select(Image.id).where(
+        Image.conflict == Conflict.LABELS.value, Image.status.in_(LIVE)).order_by(Image.id)).all()
+    for image_id in open_ids:
+        image = session.get(Image, image_id)
+        claims = session.execute(
+            select(Label.name, Source.engine, Source.uri, Source.query, Source.crawl_job_id, Source.fetched_at)
+            .join(Label, Label.id == Source.label_id).where(Source.image_id == image_id).order_by(Source.id)).all()
+        out.append({"kind": Conflict.LABELS.value, "image": image_id, "sha256": image.sha256,
+                    "label": labels_by_id(session).get(image.label_id), "status": image.status,
+                    "claims": [{"label": c.name, "engine": c.engine, "uri": c.uri, "query": c.query,
+                                "crawl_job": c.crawl_job_id, "at": c.fetched_at} for c in claims]})
+    groups = session.scalars(select(Image.dup_group_id).where(
+        Image.conflict == Conflict.GROUP.value, Image.status.in_(LIVE)).distinct()).all()
+    for group_id in sorted(g for g in groups if g is not None):
+        group = session.get(DuplicateGroup, group_id)
         members = session.execute(
-            select(Image.id, Image.sha256, Image.width, Image.height, Image.status, Label.name)
+            select(Image.id, Image.sha256, Image.width, Image.height, Image.status, Image.conflict, Label.name)
             .outerjoin(Label, Label.id == Image.label_id)
-            .where(Image.dup_group_id == group.id).order_by(Image.id)).all()
-        out.append({"group": group.id, "keeper": group.keeper_id, "members": [
+            .where(Image.dup_group_id == group_id).order_by(Image.id)).all()
+        out.append({"kind": Conflict.GROUP.value, "group": group_id, "keeper": group.keeper_id, "members": [
             {"image": m.id, "sha256": m.sha256, "label": m.name, "size": f"{m.width}x{m.height}",
-             "status": m.status} for m in members]})
+             "status": m.status, "open": m.conflict is not None} for m in members]})
     return out
+
+
+def labels_by_id(session: Session) -> dict[int, str]:
+    return dict(session.execute(select(Label.id, Label.name)).all())

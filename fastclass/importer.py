@@ -35,13 +35,15 @@ class ImportResult:
     new_images: int = 0
     exact_duplicates: int = 0
     new_sources: int = 0
+    conflicts: int = 0
+    """Files whose bytes the catalog holds under another label: recorded as claims, now open conflicts."""
     skipped: Counter = field(default_factory=Counter)
     new_per_label: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
         return {
             "files": self.files, "new_images": self.new_images, "exact_duplicates": self.exact_duplicates,
-            "new_sources": self.new_sources, "skipped": dict(self.skipped),
+            "new_sources": self.new_sources, "label_conflicts": self.conflicts, "skipped": dict(self.skipped),
             "new_per_label": dict(self.new_per_label),
         }
 
@@ -167,4 +169,5 @@ def _commit(session: Session, store: ImageStore, batch: list[PreparedImage], res
     result.new_images += recorded.new_images
     result.exact_duplicates += recorded.exact_duplicates
     result.new_sources += recorded.new_sources
+    result.conflicts += recorded.new_claims
     result.new_per_label.update(recorded.new_per_label)

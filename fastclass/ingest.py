@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from PIL import Image, ImageFile
-from sqlalchemy import Table, insert, select, text, tuple_
+from sqlalchemy import Table, func, insert, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
-from db.models import ImageHash, Source, utcnow
+from db.models import ImageHash, Review, Source, utcnow
 from fastclass.hashes import HASH_KINDS, compute_hashes
 from fastclass.labels import label_ids
+from fastclass.lifecycle import Conflict, take_write_lock
 from fastclass.store import ImageStore, StoredFile
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
@@ -89,6 +90,8 @@ class RecordResult:
     new_images: int = 0
     exact_duplicates: int = 0
     new_sources: int = 0
+    new_claims: int = 0
+    """Known images now also claimed for another label: each is an open label conflict."""
     new_per_label: Counter = field(default_factory=Counter)
 
 
@@ -179,10 +182,12 @@ WRITE_LOCK_KEY = 0x6661737463  # "fastc"
 def serialize_writes(session: Session) -> None:
     """Take turns with other processes writing this catalog until the transaction ends, so that the
     look-up-then-insert of images, sources and fetched URLs never races (two crawl workers that find the
-    same image). PostgreSQL: a transaction-scoped advisory lock. SQLite needs none: the first write of a
-    transaction takes the database's one write lock."""
+    same image). PostgreSQL: a transaction-scoped advisory lock. SQLite: its one write lock, taken
+    before the look-ups (a deferred transaction would take it only at the first insert, after them)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK_KEY})
+    else:
+        take_write_lock(session)
 
 
 def record_batch(session: Session, items: Sequence[PreparedImage]) -> RecordResult:
@@ -221,8 +226,41 @@ def record_batch(session: Session, items: Sequence[PreparedImage]) -> RecordResu
     result.new_images = len(new_rows)
     result.exact_duplicates = len(items) - len(new_rows)
     result.new_sources = _insert_sources(session, items, ids, labels, now, set(new_facts))
+    result.new_claims = open_claim_conflicts(session, {ids[item.facts.sha256] for item in items})
     session.flush()
     return result
+
+
+def open_claim_conflicts(session: Session, image_ids: set[int]) -> int:
+    """Mark as open label conflicts the images among image_ids whose sources now claim a label other than
+    the image's own (the same bytes crawled or imported for two classes); returns how many were opened.
+
+    Only a claim newer than the image's last review reopens a conflict the reviewer settled.
+    """
+    if not image_ids:
+        return 0
+    other = (select(Source.image_id).join(ImageRow, ImageRow.id == Source.image_id)
+             .where(Source.label_id != ImageRow.label_id))
+    opened = 0
+    ids = sorted(image_ids)
+    for start in range(0, len(ids), SQL_CHUNK):
+        chunk = ids[start:start + SQL_CHUNK]
+        candidates = session.execute(select(ImageRow.id, ImageRow.updated_at, ImageRow.reviewed).where(
+            ImageRow.id.in_(chunk), ImageRow.conflict.is_distinct_from(Conflict.LABELS.value),
+            ImageRow.status.in_(("pending", "ok", "duplicate")), ImageRow.id.in_(other))).all()
+        fresh = [c.id for c in candidates if not c.reviewed or _claimed_since(session, c.id)]
+        if fresh:
+            opened += session.execute(update(ImageRow).where(ImageRow.id.in_(fresh)).values(
+                conflict=Conflict.LABELS.value)).rowcount
+    return opened
+
+
+def _claimed_since(session: Session, image_id: int) -> bool:
+    """Whether a source claiming another label arrived after the image's last review decision."""
+    last = session.scalar(select(func.max(Review.created_at)).where(Review.image_id == image_id))
+    newest = session.scalar(select(func.max(Source.fetched_at)).join(ImageRow, ImageRow.id == Source.image_id)
+                            .where(Source.image_id == image_id, Source.label_id != ImageRow.label_id))
+    return last is None or (newest is not None and newest > last)
 
 
 def _insert_sources(session: Session, items: Sequence[PreparedImage], ids: dict[str, int],

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from fastclass.errors import FastclassError
 from fastclass.preview import detect_protocol, load_for_preview, render
+from fastclass.labels import did_you_mean, label_exists, relabel_digits
 from fastclass.review import Decision, decide, image_card, reviewed_ids, undo
 from fastclass.store import ImageStore
 
@@ -99,13 +100,17 @@ class SessionStats:
 
 class CleanPrompt:
     def __init__(self, session: Session, store: ImageStore, queue: list[int], labels: list[str],
-                 reviewer: str, read_key, protocol: str | None = None, run_id: int | None = None) -> None:
+                 reviewer: str, read_key, protocol: str | None = None, run_id: int | None = None,
+                 digits: dict[int, str] | None = None) -> None:
         self.read_key = read_key
         self.run_id = run_id
         self.session = session
         self.store = store
         self.queue = queue
         self.labels = labels
+        # Relabel keys as the catalog gave them (a label keeps its digit), else in the order given.
+        self.digits = digits if digits is not None else dict(enumerate(labels[:9], start=1))
+        self.seen: tuple[str, int | None] | None = None
         self.reviewer = reviewer
         self.protocol = protocol or detect_protocol()
         self.reviewed = reviewed_ids(session, queue)
@@ -161,15 +166,24 @@ class CleanPrompt:
                 label = self.read_label()
                 if label:
                     position = self.record(position, image_id, "relabel", label)
-            elif key.isdigit() and key != "0" and int(key) <= len(self.labels):
-                position = self.record(position, image_id, "relabel", self.labels[int(key) - 1])
+            elif key.isdigit() and int(key) in self.digits:
+                position = self.record(position, image_id, "relabel", self.digits[int(key)])
             else:
                 self.message = f"unknown key {key!r}; ? for help"
         return self.stats
 
     def record(self, position: int, image_id: int, action: str, label: str | None = None) -> int:
+        create = False
+        if label and not label_exists(self.session, label):
+            click.echo(f"\r\x1b[2Klabel {label!r} does not exist{did_you_mean(self.session, label) or ';'} "
+                       "create it? [y/N] ", nl=False)
+            if self.read_key().lower() != "y":
+                self.message = f"not relabelled: no label {label!r}"
+                return position
+            create = True
         try:
-            decision = decide(self.session, image_id, action, label, self.reviewer)
+            decision = decide(self.session, self.store, image_id, action, label, self.reviewer,
+                              create_label=create, seen=self.seen)
         except FastclassError as exc:
             self.message = str(exc)
             return position
@@ -178,6 +192,7 @@ class CleanPrompt:
         self.stats.counts[action] += 1
         if label and label not in self.labels:
             self.labels.append(label)
+            self.digits = relabel_digits(self.session)
         what = {"keep": "kept", "delete": "deleted", "relabel": f"relabelled {decision.old_label} -> {decision.new_label}"}
         self.message = f"image {image_id} {what[action]}"
         return position + 1
@@ -188,7 +203,7 @@ class CleanPrompt:
             return position
         last = self.history.pop()
         try:
-            undo(self.session, last.review_id, self.reviewer)
+            undo(self.session, self.store, last.review_id, self.reviewer)
         except FastclassError as exc:
             self.message = str(exc)
             return position
@@ -227,6 +242,7 @@ class CleanPrompt:
             click.echo(f"All {len(self.queue)} image(s) of this filter are reviewed. b: back, u: undo, q: quit.")
         else:
             card = image_card(self.session, self.queue[position], self.run_id)
+            self.seen = (card.status, card.label_id)
             rows = max(4, height - 9)
             path = self.store.path(card.store_path)
             try:
@@ -234,13 +250,17 @@ class CleanPrompt:
             except (OSError, ValueError) as exc:
                 click.echo(f"(no preview: {exc.__class__.__name__}: {str(exc)[:80]})")
             state = "reviewed" if card.id in self.reviewed else "not reviewed"
-            click.echo(f"image {card.id} ({position + 1}/{len(self.queue)}, {state})  {card.sha256[:12]}  "
+            click.echo(printable(f"image {card.id} ({position + 1}/{len(self.queue)}, {state})  {card.sha256[:12]}  "
                        f"label: {card.label}  status: {card.status}  {card.width}x{card.height} {card.format} "
-                       f"{card.nbytes // 1024} KB" + (f"  reason: {card.reason}" if card.reason else ""))
-            if card.sources:
-                engine, uri = card.sources[0]
-                more = f" (+{len(card.sources) - 1} more)" if len(card.sources) > 1 else ""
-                click.echo(f"source: {engine} {uri[:width - 20]}{more}")
+                       f"{card.nbytes // 1024} KB" + (f"  reason: {card.reason}" if card.reason else "")))
+            for engine, uri, claim in card.sources[:3]:
+                click.echo(printable(f"source: {engine} [{claim}] {uri}")[:width - 1])
+            if len(card.sources) > 3:
+                click.echo(f"  (+{len(card.sources) - 3} more: `fastclass image {card.id}`)")
+            if card.conflict:
+                click.echo(printable(f"LABEL CONFLICT ({'sources claim' if card.conflict == 'labels' else 'near-copies carry'} "
+                                     f"{', '.join(card.claimed_labels or card.group_labels)}): k keeps {card.label}, "
+                                     "a digit or r picks another"))
             if card.prediction is not None:
                 verdict = card.prediction
                 agrees = "agrees" if verdict.predicted == card.label else "DISAGREES"
@@ -248,13 +268,19 @@ class CleanPrompt:
                            f"p={verdict.probability:.3f}, loss {verdict.loss:.3f} ({agrees} with the label)")
             if card.group_id is not None:
                 click.echo(f"duplicate group {card.group_id}: {card.group_size} image(s), labels "
-                           f"{', '.join(card.group_labels)}" + (" (label conflict)" if card.conflict else ""))
-        numbers = "  ".join(f"{n}:{name}" for n, name in enumerate(self.labels[:9], start=1))
+                           f"{', '.join(card.group_labels)}")
+        numbers = printable("  ".join(f"{n}:{name}" for n, name in sorted(self.digits.items())))
         click.echo(f"k keep  d delete  r relabel  {numbers}  s skip  b back  u undo  o open  ? help  q quit")
         click.echo(self.stats.line(len(self.reviewed), len(self.queue)))
         if self.message:
             click.echo(self.message)
             self.message = ""
+
+
+def printable(text: str) -> str:
+    """Text from the web or a file name, made safe for a terminal: control characters (escape sequences
+    that retitle or recolour it), bidirectional overrides and other invisible characters shown as U+FFFD."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
 
 
 def _common_prefix(names: list[str]) -> str:

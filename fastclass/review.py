@@ -17,9 +17,9 @@ from typing import Iterable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import DuplicateGroup, Image, Label, Review, RunLoss, Source, TrainingRun, utcnow
+from db.models import Image, Label, Review, RunLoss, Source, TrainingRun, utcnow
 from fastclass.errors import FastclassError, NotFoundError
-from fastclass.labels import existing_label_id, label_ids, normalize_label
+from fastclass.labels import did_you_mean, existing_label_id, label_exists, label_ids, normalize_label
 
 ACTIONS = ("keep", "delete", "relabel")
 STATUS_FILTERS = ("ok", "pending", "duplicate", "conflict", "rejected", "deleted")
@@ -70,40 +70,95 @@ def _label_name(session: Session, label_id: int | None) -> str | None:
     return session.scalar(select(Label.name).where(Label.id == label_id)) if label_id is not None else None
 
 
-def decide(session: Session, image_id: int, action: str, label: str | None = None,
-           reviewer: str | None = None, commit: bool = True) -> Decision:
+DELETED_BY_REVIEW = "deleted by review"
+
+
+def revive_check(session: Session, store, image: Image) -> None:
+    """Refuse to make an image ok unless its bytes are in the store and decode; the message says how to
+    get a pruned file back. Called after the row is locked by its guarded update (see lifecycle)."""
+    from fastclass.verify import VerifyRules, check_image
+
+    if not store.exists(image.store_path):
+        uri = session.scalar(select(Source.uri).where(Source.image_id == image.id).order_by(Source.id).limit(1))
+        where = f" (it came from {uri})" if uri else ""
+        raise FastclassError(
+            f"image {image.id}'s file is no longer in the image store (pruned){where}; get the same bytes back "
+            "with `fastclass import FILE --label LABEL` or `fastclass crawl --urls FILE`, then keep it again")
+    store.fetch([image.store_path])
+    status, reason, *_ = check_image(store.path(image.store_path), VerifyRules())
+    if status != "ok":
+        raise FastclassError(f"image {image.id} cannot be kept: {reason}")
+
+
+def _guarded_update(session: Session, image_id: int, status: str, label_id: int | None, conflict: str | None,
+                    values: dict) -> None:
+    """Write a decision only if the image is still as it was read (two reviewers, or a reviewer and a
+    running command, never overwrite each other)."""
+    query = update(Image).where(Image.id == image_id, Image.status == status,
+                                Image.label_id.is_(None) if label_id is None else Image.label_id == label_id,
+                                Image.conflict.is_(None) if conflict is None else Image.conflict == conflict)
+    if session.execute(query.values(**values).execution_options(synchronize_session=False)).rowcount != 1:
+        session.rollback()
+        current = session.get(Image, image_id, populate_existing=True)
+        raise FastclassError(f"image {image_id} changed since it was shown (now {current.status}, label "
+                             f"{_label_name(session, current.label_id)}); look at it again and decide anew")
+
+
+def decide(session: Session, store, image_id: int, action: str, label: str | None = None,
+           reviewer: str | None = None, commit: bool = True, create_label: bool = False,
+           seen: tuple[str, int | None] | None = None) -> Decision:
     """Apply one decision to one image and record it; commits unless told not to (a batch commits once).
 
-    keep: the image stays, and a duplicate or deleted one becomes ok again; delete: status deleted (the
-    file stays until `fastclass prune`); relabel: the current label becomes `label`.
+    keep: the image stays; a duplicate or deleted one becomes ok again once its bytes are checked; delete:
+    status deleted (the file stays until `fastclass prune`); relabel: the current label becomes `label`,
+    which must exist unless create_label. Every decision closes an open label conflict on the image.
+    `seen` is the (status, label id) the reviewer was shown: the decision is refused if it changed since.
     """
+    from fastclass.lifecycle import Actor, allowed
+
     if action not in ACTIONS:
         raise FastclassError(f"unknown action {action!r}; use one of: {', '.join(ACTIONS)}")
-    image = session.get(Image, image_id)
+    image = session.get(Image, image_id, populate_existing=True)
     if image is None:
         raise NotFoundError(f"no image with id {image_id} in the catalog")
-    old_status, old_label_id = image.status, image.label_id
+    old_status, old_label_id, old_conflict = image.status, image.label_id, image.conflict
+    if seen is not None and seen != (old_status, old_label_id):
+        raise FastclassError(f"image {image_id} changed since it was shown (now {old_status}, label "
+                             f"{_label_name(session, old_label_id)}); look at it again and decide anew")
     new_status, new_label_id = old_status, old_label_id
     if action == "keep":
+        if old_status == "rejected" or (old_status == "deleted" and image.reason not in (None, DELETED_BY_REVIEW)):
+            raise FastclassError(f"image {image_id} was rejected by verify ({image.reason}); it cannot be kept")
         if old_status in ("duplicate", "deleted"):
             new_status = "ok"
-        elif old_status == "rejected":
-            raise FastclassError(f"image {image_id} was rejected by verify ({image.reason}); it cannot be kept")
     elif action == "delete":
         new_status = "deleted"
     else:
         if not label:
             raise FastclassError("relabel needs a label")
         name = normalize_label(label)
+        if not create_label and not label_exists(session, name):
+            raise NotFoundError(f"no label {name!r} in the catalog{did_you_mean(session, name)}; "
+                                "confirm a new label to create it")
         new_label_id = label_ids(session, [name])[name]
-    values = {"status": new_status, "label_id": new_label_id, "updated_at": utcnow()}
-    if action == "delete":
-        values["reason"] = "deleted by review"
+    if not allowed(old_status, new_status, Actor.REVIEWER):
+        raise FastclassError(f"image {image_id} cannot go from {old_status} to {new_status} by review")
+    values = {"status": new_status, "label_id": new_label_id, "updated_at": utcnow(), "reviewed": True,
+              "conflict": None}
+    if action == "delete" and old_status != "rejected":
+        values["reason"] = DELETED_BY_REVIEW
     elif new_status == "ok" and old_status != "ok":
         values["reason"] = None
-    session.execute(update(Image).where(Image.id == image_id).values(**values))
+    _guarded_update(session, image_id, old_status, old_label_id, old_conflict, values)
+    if new_status == "ok" and old_status != "ok":
+        try:
+            revive_check(session, store, image)
+        except FastclassError:
+            session.rollback()
+            raise
     review = Review(image_id=image_id, action=action, old_status=old_status, new_status=new_status,
-                    old_label_id=old_label_id, new_label_id=new_label_id, reviewer=reviewer or reviewer_name())
+                    old_label_id=old_label_id, new_label_id=new_label_id, reviewer=reviewer or reviewer_name(),
+                    old_conflict=old_conflict)
     session.add(review)
     session.flush()
     decision = Decision(review.id, image_id, action, old_status, new_status, _label_name(session, old_label_id),
@@ -113,35 +168,51 @@ def decide(session: Session, image_id: int, action: str, label: str | None = Non
     return decision
 
 
-def decide_many(session: Session, refs: Iterable[str], action: str, label: str | None = None,
-                reviewer: str | None = None) -> int:
+def decide_many(session: Session, store, refs: Iterable[str], action: str, label: str | None = None,
+                reviewer: str | None = None, create_label: bool = False) -> int:
     """One decision for several images (ids or sha256); every image is found first, then all are decided
     in the caller's transaction, so either all of them change or none. Returns how many."""
     ids = [find_image(session, ref).id for ref in refs]
     for image_id in ids:
-        decide(session, image_id, action, label, reviewer, commit=False)
+        decide(session, store, image_id, action, label, reviewer, commit=False, create_label=create_label)
     return len(ids)
 
 
-def undo(session: Session, review_id: int, reviewer: str | None = None) -> Decision:
+def undo(session: Session, store, review_id: int, reviewer: str | None = None) -> Decision:
     """Put an image back as it was before a review, recorded as an `undo` review of that one."""
     review = session.get(Review, review_id)
     if review is None:
         raise NotFoundError(f"no review {review_id} (see `fastclass reviews`)")
+    if review.action == "undo":
+        raise FastclassError(f"review {review_id} is itself an undo; undo the decision again instead")
     if session.scalar(select(Review.id).where(Review.undoes_id == review_id)) is not None:
         raise FastclassError(f"review {review_id} was already undone")
-    image = session.get(Image, review.image_id)
+    image = session.get(Image, review.image_id, populate_existing=True)
     if (image.status, image.label_id) != (review.new_status, review.new_label_id):
         later = session.scalar(select(func.max(Review.id)).where(Review.image_id == image.id))
         raise FastclassError(f"image {image.id} changed after review {review_id}; undo review {later} first")
-    values = {"status": review.old_status, "label_id": review.old_label_id, "updated_at": utcnow()}
+    if review.old_label_id is not None:
+        # A label retired since (merge, delete) comes back for the image that needs it again.
+        session.execute(update(Label).where(Label.id == review.old_label_id, Label.deleted_at.is_not(None))
+                        .values(deleted_at=None))
+    values = {"status": review.old_status, "label_id": review.old_label_id, "updated_at": utcnow(),
+              "conflict": review.old_conflict}
     if review.action == "delete":
-        values["reason"] = None
-    session.execute(update(Image).where(Image.id == image.id).values(**values))
+        values["reason"] = image.reason if review.old_status == "rejected" else None
+    _guarded_update(session, image.id, image.status, image.label_id, image.conflict, values)
+    if review.old_status == "ok" and image.status != "ok":
+        try:
+            revive_check(session, store, image)
+        except FastclassError:
+            session.rollback()
+            raise
     row = Review(image_id=image.id, action="undo", old_status=review.new_status, new_status=review.old_status,
                  old_label_id=review.new_label_id, new_label_id=review.old_label_id,
                  reviewer=reviewer or reviewer_name(), undoes_id=review_id)
     session.add(row)
+    session.flush()
+    session.execute(update(Image).where(Image.id == image.id).values(
+        reviewed=image.id in reviewed_ids(session, [image.id])))
     session.commit()
     return Decision(row.id, image.id, "undo", review.new_status, review.old_status,
                     _label_name(session, review.new_label_id), _label_name(session, review.old_label_id))
@@ -173,8 +244,8 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
     query = select(Image.id, Label.name, Image.created_at, Image.dup_group_id).outerjoin(
         Label, Label.id == Image.label_id)
     if status == "conflict":
-        query = query.join(DuplicateGroup, DuplicateGroup.id == Image.dup_group_id).where(
-            DuplicateGroup.is_conflict.is_(True))
+        # Open conflicts only: a reviewer's decision closes one, and a deleted image has none to settle.
+        query = query.where(Image.conflict.is_not(None), Image.status.in_(("pending", "ok", "duplicate")))
     else:
         query = query.where(Image.status == status)
     if label is not None:
@@ -182,7 +253,7 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
         query = query.where(Image.label_id == label_id)
     rows = session.execute(query).all()
     if status == "conflict":
-        rows.sort(key=lambda r: (r.dup_group_id, r.name or "", r.id))
+        rows.sort(key=lambda r: (r.dup_group_id or 0, r.name or "", r.id))
     elif order == "label":
         rows.sort(key=lambda r: (r.name or "", r.id))
     elif order == "newest":
@@ -209,13 +280,14 @@ def run_with_losses(session: Session, run: str) -> int:
 
 
 def reviewed_ids(session: Session, image_ids: Iterable[int]) -> set[int]:
-    """The images among image_ids with a decision that stands (one that was undone does not count)."""
+    """The images among image_ids with a decision that stands (one that was undone, or a label merge, does
+    not count)."""
     ids = list(image_ids)
     undone = select(Review.undoes_id).where(Review.undoes_id.is_not(None))
     found: set[int] = set()
     for start in range(0, len(ids), 500):
         found.update(session.scalars(select(Review.image_id).where(
-            Review.image_id.in_(ids[start:start + 500]), Review.action != "undo", Review.id.not_in(undone))))
+            Review.image_id.in_(ids[start:start + 500]), Review.action.not_in(("undo", "merge")), Review.id.not_in(undone))))
     return found
 
 
@@ -226,6 +298,7 @@ class ImageCard:
     id: int
     sha256: str
     label: str | None
+    label_id: int | None
     status: str
     reason: str | None
     width: int
@@ -233,32 +306,34 @@ class ImageCard:
     format: str
     nbytes: int
     store_path: str
-    sources: list[tuple[str, str]]
+    sources: list[tuple[str, str, str]]
+    """(engine, uri, label it claims) of each source."""
     group_id: int | None
     group_size: int
     group_labels: list[str]
-    conflict: bool
+    conflict: str | None
+    claimed_labels: list[str]
     prediction: RunLoss | None = None
 
 
 def image_card(session: Session, image_id: int, run_id: int | None = None) -> ImageCard:
     """What the prompt shows about an image; with run_id, also that run's prediction and loss for it."""
-    image = session.get(Image, image_id)
+    image = session.get(Image, image_id, populate_existing=True)
     label = _label_name(session, image.label_id)
-    sources = [(engine, uri) for engine, uri in session.execute(
-        select(Source.engine, Source.uri).where(Source.image_id == image_id).order_by(Source.id)).all()]
+    sources = [tuple(row) for row in session.execute(
+        select(Source.engine, Source.uri, Label.name).join(Label, Label.id == Source.label_id)
+        .where(Source.image_id == image_id).order_by(Source.id)).all()]
     group_labels: list[str] = []
-    size, conflict = 0, False
+    size = 0
     if image.dup_group_id is not None:
-        group = session.get(DuplicateGroup, image.dup_group_id)
-        conflict = bool(group and group.is_conflict)
         members = session.execute(select(Label.name).join(Image, Image.label_id == Label.id)
                                   .where(Image.dup_group_id == image.dup_group_id)).scalars().all()
         size = len(members)
         group_labels = sorted(set(members))
-    return ImageCard(image.id, image.sha256, label, image.status, image.reason, image.width, image.height,
+    return ImageCard(image.id, image.sha256, label, image.label_id, image.status, image.reason, image.width, image.height,
                      image.format, image.bytes, image.store_path, sources, image.dup_group_id, size, group_labels,
-                     conflict, session.get(RunLoss, (run_id, image_id)) if run_id is not None else None)
+                     image.conflict, sorted({claim for _, _, claim in sources} | ({label} if label else set())),
+                     session.get(RunLoss, (run_id, image_id)) if run_id is not None else None)
 
 
 @dataclass
@@ -270,11 +345,13 @@ class ApplyResult:
         return {"applied": self.applied, "errors": self.errors or []}
 
 
-def apply_csv(session: Session, path: Path, reviewer: str | None = None) -> ApplyResult:
+def apply_csv(session: Session, store, path: Path, reviewer: str | None = None,
+              create_labels: bool = False) -> ApplyResult:
     """Apply a decisions CSV (`image,action,label`: image id or sha256; keep, delete or relabel).
 
-    Every row is checked first; bad rows are reported with their line number and left out; the good
-    rows are then applied together in one transaction (all of them or, on a failure, none).
+    Every row is checked first; bad rows (an unknown image or action, a label that does not exist unless
+    create_labels, a keep that cannot be) are reported with their line number and left out; the good rows
+    are then applied together in one transaction (all of them or, on a failure, none).
     """
     if not path.is_file():
         raise NotFoundError(f"decisions file {path} does not exist")
@@ -299,8 +376,14 @@ def apply_csv(session: Session, path: Path, reviewer: str | None = None) -> Appl
                     if not label:
                         raise FastclassError("relabel needs a label in the third column")
                     label = normalize_label(label)
-                if action == "keep" and image.status == "rejected":
+                    if not create_labels and not label_exists(session, label):
+                        raise NotFoundError(f"no label {label!r} in the catalog{did_you_mean(session, label)} "
+                                            "(add --create-labels to create new labels)")
+                if action == "keep" and (image.status == "rejected" or (
+                        image.status == "deleted" and image.reason not in (None, DELETED_BY_REVIEW))):
                     raise FastclassError(f"image {image.id} was rejected by verify; it cannot be kept")
+                if action == "keep" and image.status in ("duplicate", "deleted"):
+                    revive_check(session, store, image)
             except FastclassError as exc:
                 result.errors.append(f"{path}:{line}: {exc}")
                 continue
@@ -308,7 +391,7 @@ def apply_csv(session: Session, path: Path, reviewer: str | None = None) -> Appl
     who = reviewer or reviewer_name()
     try:
         for image_id, action, label in good:
-            decide(session, image_id, action, label, who, commit=False)
+            decide(session, store, image_id, action, label, who, commit=False, create_label=create_labels)
         session.commit()
     except BaseException:
         session.rollback()

@@ -27,17 +27,23 @@ def catalog_stats(session: Session) -> dict:
     engines = dict(session.execute(
         select(Source.engine, func.count(Source.id)).group_by(Source.engine).order_by(Source.engine)
     ).all())
-    return {"images": images, "labels": {k: labels[k] for k in sorted(labels)}, "engines": engines}
+    conflicts = session.scalar(select(func.count()).select_from(Image).where(
+        Image.conflict.is_not(None), Image.status.in_(("pending", "ok", "duplicate"))))
+    return {"images": images, "labels": {k: labels[k] for k in sorted(labels)}, "engines": engines,
+            "conflicts": conflicts}
 
 
 def list_labels(session: Session) -> list[dict]:
-    """Every label with its image counts per status (labels with no image yet included)."""
+    """Every live label with its relabel digit and image counts per status (labels with no image yet included)."""
     counts: dict[str, dict[str, int]] = {}
-    for (name,) in session.execute(select(Label.name).order_by(Label.name)):
+    digits: dict[str, int | None] = {}
+    for name, digit in session.execute(select(Label.name, Label.digit).where(Label.deleted_at.is_(None))
+                                       .order_by(Label.name)):
         counts[name] = {s: 0 for s in STATUSES}
+        digits[name] = digit
     for name, status, count in session.execute(
         select(Label.name, Image.status, func.count(Image.id)).join(Image, Image.label_id == Label.id)
-        .group_by(Label.name, Image.status)
+        .where(Label.deleted_at.is_(None)).group_by(Label.name, Image.status)
     ):
         counts[name][status] = count
-    return [{"name": name, "total": sum(c.values()), **c} for name, c in counts.items()]
+    return [{"name": name, "digit": digits[name], "total": sum(c.values()), **c} for name, c in counts.items()]

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from PIL import Image
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
-from db.models import utcnow
 from fastclass.errors import FastclassError
 from fastclass.ingest import reason_kind
 from fastclass.labels import existing_label_id
+from fastclass.lifecycle import Actor, Status, move, move_each, take_write_lock
 from fastclass.store import ImageStore
 from fastclass.workers import map_in_workers
 
@@ -40,6 +40,8 @@ class VerifyRules:
 @dataclass(frozen=True)
 class Verdict:
     image_id: int
+    expect: str
+    """The status the image had when it was read: the verdict applies only if it still has it."""
     status: str
     reason: str | None
     width: int | None = None
@@ -52,11 +54,13 @@ class VerifyResult:
     checked: int = 0
     ok: int = 0
     rejected: Counter = field(default_factory=Counter)
+    changed_meanwhile: int = 0
+    """Verdicts not written because another command (a reviewer, dedup) changed the image while it was checked."""
     pruned: "PruneResult | None" = None
 
     def as_dict(self) -> dict:
         data = {"checked": self.checked, "ok": self.ok, "rejected": dict(self.rejected),
-                "rejected_total": sum(self.rejected.values())}
+                "rejected_total": sum(self.rejected.values()), "changed_meanwhile": self.changed_meanwhile}
         if self.pruned is not None:
             data["pruned"] = self.pruned.removed
             data["held_by_snapshot"] = dict(self.pruned.held)
@@ -125,23 +129,27 @@ def _decode_reason(exc: Exception) -> str:
     return f"cannot decode ({type(exc).__name__}: {text[:120]})"
 
 
-def _check_task(task: tuple[int, str, VerifyRules]) -> Verdict:
-    image_id, path, rules = task
+def _check_task(task: tuple[int, str, str, VerifyRules]) -> Verdict:
+    image_id, expect, path, rules = task
     status, reason, width, height, mode = check_image(Path(path), rules)
-    return Verdict(image_id, status, reason, width, height, mode)
+    return Verdict(image_id, expect, status, reason, width, height, mode)
 
 
 def verify_images(session: Session, store: ImageStore, rules: VerifyRules = VerifyRules(), label: str | None = None,
                   recheck: bool = False, workers: int | None = None, progress: Progress | None = None) -> VerifyResult:
-    """Check pending images (every not-deleted one with recheck); commits every BATCH_SIZE verdicts."""
-    query = select(ImageRow.id, ImageRow.store_path)
+    """Check pending images (every not-deleted one with recheck); commits every BATCH_SIZE verdicts.
+
+    A verdict is written only if the image is still in the status it had when it was read, so a
+    decision or a dedup made while verify runs is never reverted.
+    """
+    query = select(ImageRow.id, ImageRow.status, ImageRow.store_path)
     query = query.where(ImageRow.status.in_(["pending", "ok", "rejected"]) if recheck else ImageRow.status == "pending")
     if label is not None:
         label_id = existing_label_id(session, label)
         query = query.where(ImageRow.label_id == label_id)
     rows = session.execute(query.order_by(ImageRow.id)).all()
-    store.fetch(rel for _, rel in rows)
-    tasks = [(image_id, str(store.path(rel)), rules) for image_id, rel in rows]
+    store.fetch(rel for _, _, rel in rows)
+    tasks = [(image_id, status, str(store.path(rel)), rules) for image_id, status, rel in rows]
     result = VerifyResult()
     batch: list[Verdict] = []
     for done, verdict in enumerate(map_in_workers(_check_task, tasks, workers or os.cpu_count() or 1, chunksize=16), start=1):
@@ -152,26 +160,25 @@ def verify_images(session: Session, store: ImageStore, rules: VerifyRules = Veri
         else:
             result.rejected[reason_kind(verdict.reason)] += 1
         if len(batch) >= BATCH_SIZE:
-            _save(session, batch)
+            result.changed_meanwhile += _save(session, batch)
             batch = []
         if progress:
             progress(done, len(tasks))
-    _save(session, batch)
+    result.changed_meanwhile += _save(session, batch)
     return result
 
 
-def _save(session: Session, verdicts: Sequence[Verdict]) -> None:
+def _save(session: Session, verdicts: Sequence[Verdict]) -> int:
+    """Write verdicts (compare-and-set on the status read) and commit; returns how many were not applied."""
     if not verdicts:
-        return
-    now = utcnow()
-    rows = [{"id": v.image_id, "status": v.status, "reason": v.reason, "updated_at": now,
+        return 0
+    rows = [{"id": v.image_id, "expect": v.expect, "status": v.status, "reason": v.reason,
              **({"width": v.width, "height": v.height, "mode": v.mode} if v.width else {})} for v in verdicts]
-    with_size = [r for r in rows if "width" in r]
-    without = [r for r in rows if "width" not in r]
-    for group in (with_size, without):
-        if group:
-            session.execute(update(ImageRow), group)
+    applied = 0
+    for group in ([r for r in rows if "width" in r], [r for r in rows if "width" not in r]):
+        applied += move_each(session, Actor.VERIFY, group)
     session.commit()
+    return max(0, len(rows) - applied)
 
 
 @dataclass
@@ -200,13 +207,21 @@ def prune_rejected(session: Session, store: ImageStore) -> PruneResult:
         for snap in names:
             result.held[snap] += 1
     newly = [c.id for c in candidates if c.status == "rejected" and c.id not in held]
-    if newly:
-        session.execute(update(ImageRow), [{"id": i, "status": "deleted", "updated_at": utcnow()} for i in newly])
-        session.commit()
+    move(session, Actor.PRUNE, newly, [Status.REJECTED], Status.DELETED)
+    session.commit()
     # Rows are committed as deleted before their files go, so a crash here leaves at most a spare file,
-    # which the next prune removes (it also sweeps files of rows deleted by review).
-    for candidate in candidates:
-        if candidate.id not in held and store.exists(candidate.store_path):
-            store.remove(candidate.store_path)
-            result.removed += 1
+    # which the next prune removes (it also sweeps files of rows deleted by review). Each chunk's rows
+    # are locked while their files go and re-read under the lock: an image a reviewer revived meanwhile
+    # keeps its file, and a revival waits for the lock and then finds the file gone (and refuses).
+    free = [c.id for c in candidates if c.id not in held]
+    for start in range(0, len(free), 500):
+        chunk = free[start:start + 500]
+        take_write_lock(session)
+        for image_id, relpath in session.execute(
+                select(ImageRow.id, ImageRow.store_path).where(ImageRow.id.in_(chunk), ImageRow.status == "deleted")
+                .with_for_update()).all():
+            if store.exists(relpath):
+                store.remove(relpath)
+                result.removed += 1
+        session.commit()
     return result

@@ -57,6 +57,8 @@ def test_every_key_is_in_the_catalog_at_once(pets):
     child.expect("relabel to:")
     child.send("bir")
     child.send("ds\r")
+    child.expect(r"label 'birds' does not exist; create it\? \[y/N\]")
+    child.send("y")
     child.expect("image 4 relabelled dogs -> birds")
     assert images(pets)[4] == ("ok", "birds")
     child.send("u")
@@ -144,7 +146,7 @@ def test_scripted_decisions_history_undo_and_prune(pets, tmp_path):
     assert [(r["image"], r["action"], r["old_label"], r["new_label"], r["new_status"]) for r in history] == [
         (3, "delete", "cats", "cats", "deleted"), (2, "relabel", "cats", "dogs", "ok"),
         (1, "relabel", "cats", "dogs", "ok")]
-    run_cli(["label", "set", "birds", "1"], pets)
+    run_cli(["label", "set", "--create", "birds", "1"], pets)
     first = history[-1]["id"]
     refused = run_cli(["undo", str(first)], pets)
     assert refused.stderr == f"Error: image 1 changed after review {first}; undo review 4 first\n"

@@ -19,7 +19,7 @@ def test_init_then_stats_on_an_empty_catalog(tmp_path):
     assert run_cli(["init"], location).stdout.startswith("Catalog up to date:")
     data = json.loads(run_cli(["stats", "--json"], location).stdout)
     assert data == {"images": {"total": 0, "ok": 0, "pending": 0, "rejected": 0, "duplicate": 0, "deleted": 0},
-                    "labels": {}, "engines": {}}
+                    "labels": {}, "engines": {}, "conflicts": 0}
 
 
 def test_catalog_location_from_environment(tmp_path, monkeypatch):
