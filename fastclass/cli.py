@@ -340,6 +340,15 @@ def split(opts: Options, valid_pct: float | None, seed: int | None, min_valid: i
     if result.too_small:
         click.echo(f"Warning: {len(result.too_small)} label(s) have too few images for a validation set: "
                    + ", ".join(result.too_small), err=True)
+    _echo_skipped(result.skipped)
+
+
+def _echo_skipped(skipped: dict[str, int]) -> None:
+    """Say what a split or snapshot left out and what to run about it."""
+    fixes = {"pending": "not verified yet: run `fastclass verify`",
+             "conflict": "open label conflicts: review them with `fastclass clean --status conflict`"}
+    for why, count in skipped.items():
+        click.echo(f"Left out {count} image(s): {fixes[why]}", err=True)
 
 
 @cli.group()
@@ -368,19 +377,21 @@ def _echo_snapshot(info) -> None:
 @click.option("--min-per-label", type=click.IntRange(0), default=0, show_default=True,
               help="Leave out labels with fewer ok images.")
 @click.option("--note", metavar="TEXT", help="A note kept with the snapshot.")
+@click.option("--allow-conflicts", is_flag=True, help="Leave out images with open label conflicts instead of refusing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
 @pass_options
 def snapshot_create(opts: Options, name: str, labels: tuple[str, ...], min_per_label: int, note: str | None,
-                    as_json: bool) -> None:
+                    allow_conflicts: bool, as_json: bool) -> None:
     """Freeze the current ok images with their label and split under NAME."""
     from fastclass.snapshot import create_snapshot
 
     with opts.session() as (_, session):
-        info = create_snapshot(session, name, labels, min_per_label, note)
+        info = create_snapshot(session, name, labels, min_per_label, note, allow_conflicts)
     if as_json:
         echo_json(info.as_dict())
         return
     _echo_snapshot(info)
+    _echo_skipped(info.skipped)
     for label, count in sorted(info.excluded_labels.items()):
         click.echo(f"Left out {label}: {count} ok image(s), fewer than --min-per-label {min_per_label}", err=True)
 
@@ -406,19 +417,27 @@ def snapshot_list(opts: Options, as_json: bool) -> None:
 
 @snapshot.command("show")
 @click.argument("name")
+@click.option("--content", is_flag=True, help="Also re-hash every file of the snapshot (a content-level check).")
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
 @pass_options
-def snapshot_show(opts: Options, name: str, as_json: bool) -> None:
-    """One snapshot: parameters, counts per label, and a check of its digest."""
+def snapshot_show(opts: Options, name: str, content: bool, as_json: bool) -> None:
+    """A snapshot with its per-label counts and an integrity check of its rows (and files, with --content)."""
     from fastclass.snapshot import show_snapshot
 
-    with opts.session() as (_, session):
-        info = show_snapshot(session, name)
+    with opts.session() as (catalog, session):
+        info = show_snapshot(session, name, catalog.store if content else None)
     if as_json:
         echo_json(info.as_dict())
         return
     _echo_snapshot(info)
-    click.echo("Digest check: " + ("ok" if info.digest_ok else "MISMATCH: the items no longer match the digest"))
+    click.echo("Digest check (rows): " + ("ok" if info.digest_ok else "MISMATCH: the items no longer match the digest"))
+    if info.damaged is None:
+        click.echo("Files not re-hashed: `fastclass snapshot show --content` checks their bytes too.")
+    elif info.damaged:
+        click.echo(f"Content check: {len(info.damaged)} file(s) missing or altered (images "
+                   f"{', '.join(map(str, info.damaged[:10]))}); see `fastclass check`")
+    else:
+        click.echo(f"Content check: ok ({info.images} file(s) re-hashed)")
 
 
 @snapshot.command("diff")
@@ -452,16 +471,18 @@ def snapshot_diff(opts: Options, old: str, new: str, as_json: bool) -> None:
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["imagefolder", "csv"]), default="imagefolder", show_default=True,
               help="imagefolder: DIR/{train,valid}/<label>/; csv: DIR/labels.csv (path,label,is_valid) + DIR/images/.")
+@click.option("--link", is_flag=True, help="Hard links into the store instead of copies: no space used, but "
+              "an editor that saves over an exported file in place then rewrites the store's bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_options
-def snapshot_export(opts: Options, name: str, directory: Path, fmt: str, as_json: bool) -> None:
-    """Write a snapshot's images to a new folder (hard links where possible, copies otherwise)."""
+def snapshot_export(opts: Options, name: str, directory: Path, fmt: str, link: bool, as_json: bool) -> None:
+    """Write a snapshot's images to a new folder (copies, or reflinks where the file system has them)."""
     from fastclass.snapshot import export_snapshot
 
     update, finish = progress_reporter(opts, "Exporting")
     try:
         with opts.session() as (catalog, session):
-            result = export_snapshot(session, catalog.store, name, directory, fmt, progress=update)
+            result = export_snapshot(session, catalog.store, name, directory, fmt, progress=update, link=link)
     finally:
         finish()
     if as_json:
@@ -469,7 +490,7 @@ def snapshot_export(opts: Options, name: str, directory: Path, fmt: str, as_json
         return
     click.echo(f"Exported {name} to {result.directory} as {fmt}: {result.files} file(s) "
                f"({result.per_split['train']} train, {result.per_split['valid']} valid; "
-               f"{result.linked} hard-linked, {result.copied} copied).")
+               f"{result.copied} copied, {result.cloned} reflinked, {result.linked} hard-linked).")
 
 
 @snapshot.command("delete")
@@ -866,6 +887,84 @@ def delete(opts: Options, images: tuple[str, ...]) -> None:
     with opts.session() as (catalog, session):
         count = decide_many(session, catalog.store, images, "delete")
     click.echo(f"Deleted {count} image(s) (undo with `fastclass undo`; files stay until `fastclass prune`).")
+
+
+@cli.command()
+@click.argument("ref", metavar="ID|SHA256|URL")
+@click.option("--json", "as_json", is_flag=True, help="Print the story as JSON.")
+@pass_options
+def image(opts: Options, ref: str, as_json: bool) -> None:
+    """One image's whole story: file, hashes, sources, status history, group, conflicts, snapshots, losses."""
+    from fastclass.prompt import printable
+    from fastclass.story import image_story
+
+    with opts.session() as (catalog, session):
+        story = image_story(session, ref, catalog.store)
+    if as_json:
+        echo_json(story)
+        return
+    lines = [f"image {story['id']}  {story['sha256']}",
+             f"  label {story['label']}  status {story['status']}" + (f" ({story['reason']})" if story["reason"] else "")
+             + ("  reviewed" if story["reviewed"] else ""),
+             f"  {story['width']}x{story['height']} {story['format']} {story['mode']}, {story['bytes']} bytes, "
+             f"file {story['store_path']} ({story['file']})",
+             "  hashes " + ", ".join(f"{k} {v}" for k, v in story["hashes"].items())]
+    if story["conflict"]:
+        lines.append(f"  OPEN LABEL CONFLICT ({story['conflict']}): claimed as {', '.join(story['claimed_labels'])}")
+    lines.append(f"  sources ({len(story['sources'])}):")
+    lines += [f"    [{s['label']}] {s['engine']}" + (f" job {s['crawl_job']}" if s["crawl_job"] else "")
+              + f" {s['at']:%Y-%m-%d %H:%M} {s['uri']}" for s in story["sources"]]
+    if story["group"]:
+        g = story["group"]
+        lines.append(f"  near-duplicate group {g['id']} (keeper {g['keeper']}): " + ", ".join(
+            f"{m['image']} {m['label']} {m['status']}" for m in g["members"]))
+    lines.append(f"  reviews ({len(story['reviews'])}):")
+    lines += [f"    {r['id']} {r['created_at']:%Y-%m-%d %H:%M} {r['reviewer']} {r['action']}: "
+              f"{r['old_status']} -> {r['new_status']}, label {r['old_label']} -> {r['new_label']}"
+              for r in story["reviews"]]
+    if story["snapshots"]:
+        lines.append("  snapshots: " + ", ".join(f"{s['snapshot']} ({s['label']}, {s['split']})"
+                                                for s in story["snapshots"]))
+    lines += [f"  run {r['run']} ({r['split']}): predicted {r['predicted']} p={r['probability']:.3f} "
+              f"loss {r['loss']:.3f}" for r in story["losses"]]
+    for line in lines:
+        click.echo(printable(line))
+
+
+@cli.command()
+@click.option("--repair", is_flag=True, help="Remove orphan files; reject images whose file is missing or altered "
+              "(altered bytes are moved to .quarantine/ in the store).")
+@click.option("--workers", type=click.IntRange(1, 256), help="Worker processes for hashing [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_options
+def check(opts: Options, repair: bool, workers: int | None, as_json: bool) -> None:
+    """Re-hash every stored file against the catalog: missing, altered and orphan files."""
+    from fastclass.check import check_store
+
+    update, finish = progress_reporter(opts, "Checking")
+    try:
+        with opts.session() as (catalog, session):
+            result = check_store(session, catalog.store, repair=repair, workers=workers, progress=update)
+    finally:
+        finish()
+    if as_json:
+        echo_json(result.as_dict())
+    else:
+        click.echo(f"Checked {result.files} file(s) against {result.rows} catalog row(s): {len(result.missing)} "
+                   f"missing, {len(result.altered)} altered, {len(result.orphans)} orphan(s).")
+        for what, ids in (("missing", result.missing), ("altered", result.altered)):
+            if ids:
+                click.echo(f"  {what}: images {', '.join(map(str, ids[:20]))}" + (" ..." if len(ids) > 20 else ""))
+        if result.orphans:
+            click.echo(f"  orphans: {', '.join(result.orphans[:5])}" + (" ..." if len(result.orphans) > 5 else ""))
+        for snap, count in result.in_snapshots.items():
+            click.echo(f"  snapshot {snap} holds {count} of them: re-import their bytes to export it whole")
+        if result.repaired:
+            click.echo("Repaired: " + ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in result.repaired.items()))
+        elif not result.clean:
+            click.echo("Run `fastclass check --repair` to reject damaged images and remove orphans.")
+    if not result.clean and not repair:
+        raise click.exceptions.Exit(1)
 
 
 @cli.command()

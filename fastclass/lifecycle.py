@@ -78,6 +78,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     _t(X, O, RV, why="a reviewer keeps or undeletes it: its bytes must be in the store and decode"),
     _t(X, P, RV, why="undo of a delete of an image never verified"),
     _t(X, R, RV, why="undo of a reviewer's delete of a rejected image"),
+    _t(X, D, RV, why="undo of a reviewer's delete of a duplicate"),
 )
 ALLOWED: dict[tuple[Status, Status], frozenset[Actor]] = {(t.source, t.target): t.actors for t in TRANSITIONS}
 assert len(ALLOWED) == len(TRANSITIONS), "one row per (source, target) in TRANSITIONS"

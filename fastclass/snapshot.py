@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Image, Label, Snapshot, SnapshotItem, SplitAssignment, TrainingRun, utcnow
 from fastclass.errors import FastclassError, NotFoundError
-from fastclass.split import current_split
+from fastclass.split import current_split, left_out
 from fastclass.store import ImageStore
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -62,7 +62,10 @@ class SnapshotInfo:
     note: str | None
     created_at: object
     excluded_labels: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
     digest_ok: bool | None = None
+    damaged: list[int] | None = None
+    """With a content-level check: images whose file is missing or no longer hashes to its sha256."""
 
     @classmethod
     def from_row(cls, row: Snapshot) -> "SnapshotInfo":
@@ -78,8 +81,13 @@ class SnapshotInfo:
                 "min_per_label": self.min_per_label, "note": self.note, "created_at": self.created_at}
         if self.excluded_labels:
             data["excluded_labels"] = self.excluded_labels
+        if self.skipped:
+            data["skipped"] = self.skipped
         if self.digest_ok is not None:
             data["digest_ok"] = self.digest_ok
+            data["check"] = "rows" if self.damaged is None else "content"
+        if self.damaged is not None:
+            data["damaged"] = self.damaged
         return data
 
 
@@ -98,8 +106,12 @@ def _get(session: Session, name: str) -> Snapshot:
 
 
 def create_snapshot(session: Session, name: str, labels: Iterable[str] | None = None, min_per_label: int = 0,
-                    note: str | None = None) -> SnapshotInfo:
-    """Freeze the current ok images (optionally of some labels) with their label and current split."""
+                    note: str | None = None, allow_conflicts: bool = False) -> SnapshotInfo:
+    """Freeze the current ok images (optionally of some labels) with their label and current split.
+
+    Refused while ok images have open label conflicts, unless allow_conflicts: those images are then
+    left out. What is left out (pending images, conflicts) is reported in `skipped`.
+    """
     check_name(name)
     if session.scalar(select(Snapshot.id).where(Snapshot.name == name)) is not None:
         raise FastclassError(f"snapshot {name!r} already exists and snapshots never change; "
@@ -112,7 +124,15 @@ def create_snapshot(session: Session, name: str, labels: Iterable[str] | None = 
     missing = [lab for lab in wanted if lab not in names]
     if missing:
         raise NotFoundError(f"no label {missing[0]!r} in the catalog (see `fastclass labels`)")
-    ok = select(Image.label_id, func.count()).where(Image.status == "ok").group_by(Image.label_id)
+    conflicts = select(func.count()).select_from(Image).where(Image.status == "ok", Image.conflict.is_not(None))
+    if wanted:
+        conflicts = conflicts.where(Image.label_id.in_([names[lab] for lab in wanted]))
+    open_conflicts = session.scalar(conflicts)
+    if open_conflicts and not allow_conflicts:
+        raise FastclassError(f"{open_conflicts} ok image(s) have open label conflicts; settle them with "
+                             "`fastclass clean --status conflict` (or add --allow-conflicts to leave them out)")
+    ok = (select(Image.label_id, func.count()).where(Image.status == "ok", Image.conflict.is_(None))
+          .group_by(Image.label_id))
     if wanted:
         ok = ok.where(Image.label_id.in_([names[lab] for lab in wanted]))
     ok_counts = {label_id: count for label_id, count in session.execute(ok).all() if label_id is not None}
@@ -126,7 +146,8 @@ def create_snapshot(session: Session, name: str, labels: Iterable[str] | None = 
     unassigned = session.scalar(
         select(func.count()).select_from(Image)
         .outerjoin(SplitAssignment, (SplitAssignment.image_id == Image.id) & (SplitAssignment.split_id == split.id))
-        .where(Image.status == "ok", Image.label_id.in_(included), SplitAssignment.image_id.is_(None)))
+        .where(Image.status == "ok", Image.conflict.is_(None), Image.label_id.in_(included),
+               SplitAssignment.image_id.is_(None)))
     if unassigned:
         raise FastclassError(f"{unassigned} ok image(s) have no train/valid side yet; run `fastclass split` first")
     snap = Snapshot(name=name, split_id=split.id, valid_pct=split.valid_pct, seed=split.seed,
@@ -137,7 +158,7 @@ def create_snapshot(session: Session, name: str, labels: Iterable[str] | None = 
     source = (select(literal(snap.id), Image.id, Image.sha256, Label.name, SplitAssignment.is_valid)
               .join(Label, Label.id == Image.label_id)
               .join(SplitAssignment, (SplitAssignment.image_id == Image.id) & (SplitAssignment.split_id == split.id))
-              .where(Image.status == "ok", Image.label_id.in_(included)))
+              .where(Image.status == "ok", Image.conflict.is_(None), Image.label_id.in_(included)))
     session.execute(insert(SnapshotItem).from_select(
         ["snapshot_id", "image_id", "sha256", "label", "is_valid"], source))
     rows = session.execute(select(SnapshotItem.sha256, SnapshotItem.label, SnapshotItem.is_valid)
@@ -153,6 +174,7 @@ def create_snapshot(session: Session, name: str, labels: Iterable[str] | None = 
     session.expire(snap)
     info = SnapshotInfo.from_row(_get(session, name))
     info.excluded_labels = excluded
+    info.skipped = left_out(session, included)
     return info
 
 
@@ -161,11 +183,21 @@ def list_snapshots(session: Session) -> list[SnapshotInfo]:
     return [SnapshotInfo.from_row(row) for row in rows]
 
 
-def show_snapshot(session: Session, name: str) -> SnapshotInfo:
-    """A snapshot's description, with its digest recomputed from its items as an integrity check."""
+def show_snapshot(session: Session, name: str, store=None) -> SnapshotInfo:
+    """A snapshot's description, with its digest recomputed from its items (a row-level check); with a
+    store, every file is also re-hashed against its sha256 (a content-level check)."""
     row = _get(session, name)
     info = SnapshotInfo.from_row(row)
     info.digest_ok = content_digest(_item_tuples(session, row.id)) == row.digest
+    if store is not None:
+        from fastclass.check import file_sha256
+
+        items = snapshot_items(session, name)
+        present = [item for item in items if store.exists(item.store_path)]
+        store.fetch(item.store_path for item in present)
+        info.damaged = sorted({item.image_id for item in items if item not in present} |
+                              {item.image_id for item in present
+                               if file_sha256(str(store.path(item.store_path))) != item.sha256})
     return info
 
 
@@ -267,21 +299,24 @@ class ExportResult:
     files: int = 0
     linked: int = 0
     copied: int = 0
+    cloned: int = 0
     per_split: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
         return {"snapshot": self.name, "directory": str(self.directory), "format": self.format,
-                "files": self.files, "linked": self.linked, "copied": self.copied,
+                "files": self.files, "linked": self.linked, "copied": self.copied, "cloned": self.cloned,
                 "per_split": dict(self.per_split)}
 
 
 def export_snapshot(session: Session, store: ImageStore, name: str, directory: Path, fmt: str = "imagefolder",
-                    progress: Callable[[int, int], None] | None = None) -> ExportResult:
+                    progress: Callable[[int, int], None] | None = None, link: bool = False) -> ExportResult:
     """Write a snapshot as DIR/{train,valid}/<label>/<sha>.<ext> or as DIR/labels.csv + DIR/images/.
 
-    Files are hard links into the store where the file system allows, copies otherwise. The tree is
-    built in a hidden sibling folder and renamed into place at the end, so an interrupted export leaves
-    no half-written DIR.
+    Files are copies (reflinks where the file system has them: no extra space, and an edit of the export
+    still never reaches the store). With link, they are hard links into the store where the file system
+    allows: fast and free, but an editor saving over an exported file in place rewrites the store's copy.
+    The tree is built in a hidden sibling folder and renamed into place at the end, so an interrupted
+    export leaves no half-written DIR.
     """
     if fmt not in EXPORT_FORMATS:
         raise FastclassError(f"unknown export format {fmt!r}; use one of: {', '.join(EXPORT_FORMATS)}")
@@ -307,7 +342,7 @@ def export_snapshot(session: Session, store: ImageStore, name: str, directory: P
             ext = item.store_path.rsplit(".", 1)[-1]
             side = split_name(item.is_valid)
             rel = f"{side}/{item.label}/{item.sha256}.{ext}" if fmt == "imagefolder" else f"images/{item.sha256}.{ext}"
-            _place(store.path(item.store_path), partial / rel, result)
+            _place(store.path(item.store_path), partial / rel, result, link)
             result.per_split[side] += 1
             csv_rows.append((rel, item.label, item.is_valid))
             if progress:
@@ -333,12 +368,37 @@ def export_snapshot(session: Session, store: ImageStore, name: str, directory: P
     return result
 
 
-def _place(source: Path, target: Path, result: ExportResult) -> None:
+FICLONE = 0x40049409  # Linux ioctl: share the source's blocks copy-on-write (btrfs, XFS, bcachefs)
+
+
+def _place(source: Path, target: Path, result: ExportResult, link: bool) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-        result.linked += 1
-    except OSError:
-        shutil.copyfile(source, target)
-        result.copied += 1
     result.files += 1
+    if link:
+        try:
+            os.link(source, target)
+            result.linked += 1
+            return
+        except OSError:
+            pass
+    if _clone(source, target):
+        result.cloned += 1
+        return
+    shutil.copyfile(source, target)
+    result.copied += 1
+
+
+def _clone(source: Path, target: Path) -> bool:
+    """A reflink copy of source at target, or False (nothing left behind) where the file system has none."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+            return True
+        except OSError:
+            pass
+    target.unlink(missing_ok=True)
+    return False

@@ -68,6 +68,8 @@ class SplitResult:
     assigned: int = 0
     regrouped: int = 0
     labels: list[LabelSplit] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Images left out and why: "pending" (run verify), "conflict" (a reviewer must pick the label)."""
 
     @property
     def too_small(self) -> list[str]:
@@ -77,7 +79,7 @@ class SplitResult:
         return {"split": self.split_id, "valid_pct": self.params.valid_pct, "seed": self.params.seed,
                 "min_valid": self.params.min_valid, "created": self.created, "assigned": self.assigned,
                 "regrouped": self.regrouped, "labels": [row.as_dict() for row in self.labels],
-                "too_small": self.too_small}
+                "too_small": self.too_small, "skipped": self.skipped}
 
 
 def current_split(session: Session) -> Split | None:
@@ -153,7 +155,21 @@ def assign_splits(session: Session, valid_pct: float | None = None, seed: int | 
     decisions = _decide(units, params)
     new_per_label = _write(session, current.id, units, decisions, result)
     _count(session, current.id, result, params, new_per_label)
+    result.skipped = left_out(session)
     return result
+
+
+def left_out(session: Session, label_ids: list[int] | None = None) -> dict[str, int]:
+    """How many images a split or snapshot leaves out, by why: pending (not verified yet) and open label
+    conflicts (ok or duplicate images whose label a reviewer must pick first)."""
+    pending = select(func.count()).select_from(Image).where(Image.status == "pending")
+    conflict = select(func.count()).select_from(Image).where(Image.conflict.is_not(None),
+                                                             Image.status.in_(ASSIGNED_STATUSES))
+    if label_ids is not None:
+        pending = pending.where(Image.label_id.in_(label_ids))
+        conflict = conflict.where(Image.label_id.in_(label_ids))
+    counts = {"pending": session.scalar(pending), "conflict": session.scalar(conflict)}
+    return {why: n for why, n in counts.items() if n}
 
 
 def _load_units(session: Session, split_id: int) -> list[_Unit]:
@@ -161,7 +177,8 @@ def _load_units(session: Session, split_id: int) -> list[_Unit]:
         select(Image.id, Image.sha256, Image.status, Image.label_id, Image.dup_group_id,
                SplitAssignment.is_valid)
         .outerjoin(SplitAssignment, (SplitAssignment.image_id == Image.id) & (SplitAssignment.split_id == split_id))
-        .where(Image.status.in_(ASSIGNED_STATUSES))
+        # An open label conflict waits for its reviewer: its label decides the stratum it joins.
+        .where(Image.status.in_(ASSIGNED_STATUSES), Image.conflict.is_(None))
     ).all()
     keepers = dict(session.execute(select(DuplicateGroup.id, DuplicateGroup.keeper_id)).all())
     grouped: dict[int, list] = defaultdict(list)

@@ -148,6 +148,8 @@ def verify_images(session: Session, store: ImageStore, rules: VerifyRules = Veri
         label_id = existing_label_id(session, label)
         query = query.where(ImageRow.label_id == label_id)
     rows = session.execute(query.order_by(ImageRow.id)).all()
+    # End the read: on SQLite a transaction that read before another process wrote cannot write later.
+    session.commit()
     store.fetch(rel for _, _, rel in rows)
     tasks = [(image_id, status, str(store.path(rel)), rules) for image_id, status, rel in rows]
     result = VerifyResult()

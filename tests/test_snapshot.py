@@ -91,7 +91,8 @@ def test_nothing_can_change_a_snapshot(catalog, tmp_path):
             session.scalar(select(Snapshot)).name = "renamed"
     with catalog.session() as session:
         shown = show_snapshot(session, "v1")
-    assert shown.as_dict() | {"digest_ok": None} == info.as_dict() | {"digest_ok": None} and shown.digest_ok
+    assert shown.as_dict() | {"digest_ok": None, "check": None} == info.as_dict() | {"digest_ok": None, "check": None} \
+        and shown.digest_ok
 
     # Deleting images through the catalog is refused too while a snapshot holds them.
     with pytest.raises(DBAPIError):
@@ -195,8 +196,13 @@ def test_export_trees_are_exact(initialized_catalog, tmp_path):
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert files == set(expected) | {"snapshot.json"}
     for rel, item in expected.items():
-        assert os.path.samefile(out / rel, store.path(item.store_path)), "hard links, not copies"
+        assert not os.path.samefile(out / rel, store.path(item.store_path)), "copies: an edit cannot reach the store"
+        assert (out / rel).read_bytes() == store.path(item.store_path).read_bytes()
     assert json.loads((out / "snapshot.json").read_text())["name"] == "v1"
+    linked = tmp_path / "linked"
+    assert run_cli(["snapshot", "export", "--link", "v1", str(linked)], initialized_catalog).exit_code == 0
+    for rel, item in expected.items():
+        assert os.path.samefile(linked / rel, store.path(item.store_path)), "--link: hard links, not copies"
 
     out_csv = tmp_path / "table"
     assert run_cli(["snapshot", "export", "v1", str(out_csv), "--format", "csv"], initialized_catalog).exit_code == 0

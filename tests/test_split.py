@@ -8,6 +8,7 @@ from sqlalchemy import select, update
 from db.models import Image, Split, SplitAssignment
 from fastclass.catalog import open_catalog
 from fastclass.dedup import find_near_duplicates
+from fastclass.review import decide
 from fastclass.split import assign_splits
 from tests.conftest import add_images, photo_like, pngs, run_cli, sqlite_catalog_named
 
@@ -85,6 +86,12 @@ def test_near_duplicate_groups_share_one_side(catalog, tmp_path):
     with catalog.session() as session:
         dedup = find_near_duplicates(session, threshold=10)
     assert dedup.groups == 20 and dedup.conflicts == 5
+    first = split(catalog)
+    assert first.skipped == {"conflict": 15}, "conflict groups wait for a reviewer"
+    # A reviewer settles each conflict (the dogs copies are cats too); the groups then join the split.
+    with catalog.session() as session:
+        for image_id in session.scalars(select(Image.id).where(Image.conflict.is_not(None))).all():
+            decide(session, catalog.store, image_id, "relabel", "cats", reviewer="t")
     split(catalog)
     with catalog.session() as session:
         rows = session.execute(select(Image.dup_group_id, Image.status, SplitAssignment.is_valid).join(
