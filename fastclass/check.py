@@ -14,7 +14,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -70,6 +70,25 @@ def _hash_task(task: tuple[int, str]) -> tuple[int, str | None]:
     return image_id, file_sha256(path)
 
 
+def find_damage(store, rows: Sequence[tuple[int, str, str]], present: set[str], workers: int | None = None,
+                progress: Progress | None = None) -> tuple[list[int], list[int]]:
+    """(missing, altered) image ids among rows of (image id, sha256, relpath): not among the present
+    relpaths, or bytes that no longer hash to the sha256 (hashed in worker processes)."""
+    missing = sorted(image_id for image_id, _, rel in rows if rel not in present)
+    stored = [(image_id, sha, rel) for image_id, sha, rel in rows if rel in present]
+    store.fetch(rel for _, _, rel in stored)
+    expected = {image_id: sha for image_id, sha, _ in stored}
+    tasks = [(image_id, str(store.path(rel))) for image_id, _, rel in stored]
+    altered = []
+    for done, (image_id, digest) in enumerate(
+            map_in_workers(_hash_task, tasks, workers or os.cpu_count() or 1, chunksize=32), start=1):
+        if digest != expected[image_id]:
+            altered.append(image_id)
+        if progress:
+            progress(done, len(tasks))
+    return missing, sorted(altered)
+
+
 def check_store(session: Session, store, repair: bool = False, workers: int | None = None,
                 progress: Progress | None = None) -> CheckResult:
     """Compare every stored file with its catalog row; with repair, fix what can be fixed (commits)."""
@@ -78,24 +97,14 @@ def check_store(session: Session, store, repair: bool = False, workers: int | No
     rows = session.execute(select(Image.id, Image.sha256, Image.store_path, Image.status)).all()
     result = CheckResult(rows=len(rows))
     present = set(store.iter_files())
-    claimed = {row.store_path for row in rows}
-    result.orphans = sorted(rel for rel in present - claimed)
-    to_hash = [row for row in rows if row.store_path in present]
-    result.missing = sorted(row.id for row in rows if row.store_path not in present and row.status != Status.DELETED)
-    store.fetch(row.store_path for row in to_hash)
-    expected = {row.id: row.sha256 for row in to_hash}
-    tasks = [(row.id, str(store.path(row.store_path))) for row in to_hash]
-    for done, (image_id, digest) in enumerate(
-            map_in_workers(_hash_task, tasks, workers or os.cpu_count() or 1, chunksize=32), start=1):
-        result.files += 1
-        if digest != expected[image_id]:
-            result.altered.append(image_id)
-        if progress:
-            progress(done, len(tasks))
-    result.altered.sort()
-    damaged = result.missing + result.altered
+    result.orphans = sorted(present - {row.store_path for row in rows})
+    # A deleted image is expected to have no file (prune freed it); one that still has it is hashed.
+    wanted = [(row.id, row.sha256, row.store_path) for row in rows
+              if row.status != Status.DELETED or row.store_path in present]
+    result.missing, result.altered = find_damage(store, wanted, present, workers, progress)
+    result.files = len(wanted) - len(result.missing)
     per_snapshot: dict[str, int] = defaultdict(int)
-    for names in snapshots_holding(session, damaged).values():
+    for names in snapshots_holding(session, result.missing + result.altered).values():
         for name in names:
             per_snapshot[name] += 1
     result.in_snapshots = dict(sorted(per_snapshot.items()))
@@ -111,25 +120,20 @@ def _repair(session: Session, store, result: CheckResult, paths: dict[int, str])
     result.repaired["altered_rejected"] = move(session, Actor.CHECK, result.altered, live, Status.REJECTED,
                                                reason=ALTERED_REASON)
     session.commit()
-    moved = 0
     for image_id in result.altered:
-        if _quarantine(store, paths[image_id]):
-            moved += 1
-    result.repaired["altered_quarantined"] = moved
-    removed = 0
+        _quarantine(store, paths[image_id])
+    result.repaired["altered_quarantined"] = len(result.altered)
     for rel in result.orphans:
         store.remove(rel)
-        removed += 1
-    result.repaired["orphans_removed"] = removed
+    result.repaired["orphans_removed"] = len(result.orphans)
 
 
-def _quarantine(store, relpath: str) -> bool:
+def _quarantine(store, relpath: str) -> None:
     """Move an altered file out of the store's namespace (local stores); S3 objects are removed."""
     root = getattr(store, "root", None)
     if isinstance(root, Path):
         target = root / QUARANTINE / relpath.replace("/", "_")
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(root / relpath, target)
-        return True
-    store.remove(relpath)
-    return True
+    else:
+        store.remove(relpath)

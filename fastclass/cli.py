@@ -802,14 +802,14 @@ def label() -> None:
 @pass_options
 def label_set(opts: Options, name: str, images: tuple[str, ...], create: bool) -> None:
     """Relabel images (ids or sha256) to NAME; all or none."""
-    from fastclass.labels import did_you_mean, label_exists, normalize_label
+    from fastclass.labels import did_you_mean, label_exists, normalize_label, unknown_label
     from fastclass.review import decide_many
 
     with opts.session() as (catalog, session):
         if not create and not label_exists(session, normalize_label(name)):
             hint = did_you_mean(session, normalize_label(name))
             if not sys.stdin.isatty() or not click.confirm(f"Label {name!r} does not exist{hint} Create it?"):
-                raise click.ClickException(f"no label {name!r} in the catalog{hint} (add --create to create it)")
+                raise unknown_label(session, name, "add --create to create it")
         count = decide_many(session, catalog.store, images, "relabel", name, create_label=True)
     click.echo(f"Relabelled {count} image(s) to {name}.")
 

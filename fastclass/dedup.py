@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from db.models import DuplicateGroup, Image, ImageHash, Label, Source
 from fastclass.errors import FastclassError
 from fastclass.hashes import HASH_KINDS
-from fastclass.labels import existing_label_id
+from fastclass.labels import existing_label_id, label_names
 from fastclass.lifecycle import LIVE, Actor, Conflict, Status, move
 
 MAX_CHUNK_BITS = 23  # a 2^23-entry table per chunk is 64 MiB of counts and offsets
@@ -225,7 +225,7 @@ def find_near_duplicates(session: Session, threshold: int = 10, hash_kind: str =
             ImageHash.kind == "phash_flip", ImageHash.image_id.in_([r.id for r in rows]))).all())
         flipped = np.array([flips.get(r.id, r.value) for r in rows], dtype=np.int64).view(np.uint64)
     groups = near_duplicate_groups(hashes, threshold, flipped)
-    labels = dict(session.execute(select(Label.id, Label.name)).all())
+    labels = label_names(session)
     _replace_groups(session, rows, groups, labels, threshold, hash_kind, flip, result, dry_run)
     return result
 
@@ -284,6 +284,7 @@ def list_conflicts(session: Session) -> list[dict]:
     """Open label conflicts, for review: each image whose sources claim several labels, with every claim
     and where it came from, and each near-duplicate group spanning labels with an undecided member."""
     out = []
+    names = label_names(session)
     open_ids = session.scalars(select(Image.id).where(
         Image.conflict == Conflict.LABELS.value, Image.status.in_(LIVE)).order_by(Image.id)).all()
     for image_id in open_ids:
@@ -292,7 +293,7 @@ def list_conflicts(session: Session) -> list[dict]:
             select(Label.name, Source.engine, Source.uri, Source.query, Source.crawl_job_id, Source.fetched_at)
             .join(Label, Label.id == Source.label_id).where(Source.image_id == image_id).order_by(Source.id)).all()
         out.append({"kind": Conflict.LABELS.value, "image": image_id, "sha256": image.sha256,
-                    "label": labels_by_id(session).get(image.label_id), "status": image.status,
+                    "label": names.get(image.label_id), "status": image.status,
                     "claims": [{"label": c.name, "engine": c.engine, "uri": c.uri, "query": c.query,
                                 "crawl_job": c.crawl_job_id, "at": c.fetched_at} for c in claims]})
     groups = session.scalars(select(Image.dup_group_id).where(
@@ -307,7 +308,3 @@ def list_conflicts(session: Session) -> list[dict]:
             {"image": m.id, "sha256": m.sha256, "label": m.name, "size": f"{m.width}x{m.height}",
              "status": m.status, "open": m.conflict is not None} for m in members]})
     return out
-
-
-def labels_by_id(session: Session) -> dict[int, str]:
-    return dict(session.execute(select(Label.id, Label.name)).all())

@@ -25,7 +25,7 @@ from db.models import Image as ImageRow
 from db.models import ImageHash, Review, Source, utcnow
 from fastclass.hashes import HASH_KINDS, compute_hashes
 from fastclass.labels import label_ids
-from fastclass.lifecycle import Conflict, take_write_lock
+from fastclass.lifecycle import LIVE, Conflict, take_write_lock
 from fastclass.store import ImageStore, StoredFile
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
@@ -247,7 +247,7 @@ def open_claim_conflicts(session: Session, image_ids: set[int]) -> int:
         chunk = ids[start:start + SQL_CHUNK]
         candidates = session.execute(select(ImageRow.id, ImageRow.updated_at, ImageRow.reviewed).where(
             ImageRow.id.in_(chunk), ImageRow.conflict.is_distinct_from(Conflict.LABELS.value),
-            ImageRow.status.in_(("pending", "ok", "duplicate")), ImageRow.id.in_(other))).all()
+            ImageRow.status.in_(LIVE), ImageRow.id.in_(other))).all()
         fresh = [c.id for c in candidates if not c.reviewed or _claimed_since(session, c.id)]
         if fresh:
             opened += session.execute(update(ImageRow).where(ImageRow.id.in_(fresh)).values(

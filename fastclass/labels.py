@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from db.models import CrawlJob, Image, Label, LabelEvent, Review, Source, utcnow
 from fastclass.errors import FastclassError, NotFoundError
+from fastclass.lifecycle import LIVE, Actor, Conflict, move
 
 MAX_LABEL_LENGTH = 100
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]")
@@ -63,8 +64,18 @@ def existing_label_id(session: Session, name: str) -> int:
     """The id of a label that must exist (a --label filter); the error says where to look."""
     label_id = session.scalar(select(Label.id).where(Label.name == name, Label.deleted_at.is_(None)))
     if label_id is None:
-        raise NotFoundError(f"no label {name!r} in the catalog{did_you_mean(session, name)} (see `fastclass labels`)")
+        raise unknown_label(session, name)
     return label_id
+
+
+def unknown_label(session: Session, name: str, fix: str = "see `fastclass labels`") -> NotFoundError:
+    """The error for a label name that is not a live label, with a did-you-mean and what to do."""
+    return NotFoundError(f"no label {name!r} in the catalog{did_you_mean(session, name)} ({fix})")
+
+
+def label_names(session: Session) -> dict[int, str]:
+    """Every label's name by id (retired ones too: history and provenance still name them)."""
+    return dict(session.execute(select(Label.id, Label.name)).all())
 
 
 def did_you_mean(session: Session, name: str) -> str:
@@ -99,10 +110,7 @@ class LabelChange:
 
 
 def _live(session: Session, name: str) -> Label:
-    label = session.scalar(select(Label).where(Label.name == normalize_label(name), Label.deleted_at.is_(None)))
-    if label is None:
-        raise NotFoundError(f"no label {name!r} in the catalog{did_you_mean(session, name)} (see `fastclass labels`)")
-    return label
+    return session.get(Label, existing_label_id(session, normalize_label(name)))
 
 
 def _record(session: Session, action: str, old: str, new: str | None, images: int, reviewer: str,
@@ -135,8 +143,6 @@ def merge_labels(session: Session, source: str, target: str, reviewer: str) -> L
     the image, so the prompt still shows it); claims that only disagreed
     because of the two names stop being conflicts.
     """
-    from fastclass.lifecycle import Conflict
-
     src, dst = _live(session, source), _live(session, target)
     if src.id == dst.id:
         raise FastclassError("a label cannot be merged into itself")
@@ -154,7 +160,7 @@ def merge_labels(session: Session, source: str, target: str, reviewer: str) -> L
         session.execute(delete(Source).where(Source.id.in_(drop)))
     moved = session.execute(update(Source).where(Source.label_id == src.id).values(label_id=dst.id)).rowcount
     session.execute(update(CrawlJob).where(CrawlJob.label_id == src.id).values(label_id=dst.id))
-    _clear_settled_claims(session, Conflict.LABELS.value)
+    _clear_settled_claims(session)
     session.execute(update(Label).where(Label.id == src.id).values(deleted_at=utcnow(), digit=None))
     _record(session, "merge", src.name, dst.name, len(rows), reviewer)
     return LabelChange("merge", src.name, dst.name, len(rows), sources=moved + len(drop))
@@ -163,8 +169,6 @@ def merge_labels(session: Session, source: str, target: str, reviewer: str) -> L
 def delete_label(session: Session, name: str, reviewer: str, force: bool = False) -> LabelChange:
     """Retire a label. One that images still carry needs force: those images are then marked deleted by
     review (each undoable) and keep the label in their history; claims of it by other images are dropped."""
-    from fastclass.lifecycle import LIVE, Actor, Conflict, move
-
     label = _live(session, name)
     rows = session.execute(select(Image.id, Image.status).where(Image.label_id == label.id)).all()
     if rows and not force:
@@ -179,18 +183,19 @@ def delete_label(session: Session, name: str, reviewer: str, force: bool = False
                    conflict=None)
     claims = session.execute(delete(Source).where(Source.label_id == label.id, Source.image_id.not_in(
         select(Image.id).where(Image.label_id == label.id)))).rowcount
-    _clear_settled_claims(session, Conflict.LABELS.value)
+    _clear_settled_claims(session)
     session.execute(update(Label).where(Label.id == label.id).values(deleted_at=utcnow(), digit=None))
     _record(session, "delete", label.name, None, len(rows), reviewer,
             detail=f"{deleted} image(s) marked deleted, {claims} claim(s) by other images dropped")
     return LabelChange("delete", label.name, None, len(rows), sources=claims, deleted_images=deleted)
 
 
-def _clear_settled_claims(session: Session, kind: str) -> None:
+def _clear_settled_claims(session: Session) -> None:
     """Close 'labels' conflicts whose sources now claim one label only (after a merge or a dropped claim)."""
     several = (select(Source.image_id).group_by(Source.image_id)
                .having(func.count(func.distinct(Source.label_id)) > 1))
-    session.execute(update(Image).where(Image.conflict == kind, Image.id.not_in(several)).values(conflict=None))
+    session.execute(update(Image).where(Image.conflict == Conflict.LABELS.value, Image.id.not_in(several))
+                    .values(conflict=None))
 
 
 def label_history(session: Session, limit: int | None = None) -> list[dict]:

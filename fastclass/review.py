@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 
 from db.models import Image, Label, Review, RunLoss, Source, TrainingRun, utcnow
 from fastclass.errors import FastclassError, NotFoundError
-from fastclass.labels import did_you_mean, existing_label_id, label_exists, label_ids, normalize_label
+from fastclass.labels import existing_label_id, label_exists, label_ids, normalize_label, unknown_label
+from fastclass.lifecycle import LIVE
 
 ACTIONS = ("keep", "delete", "relabel")
 STATUS_FILTERS = ("ok", "pending", "duplicate", "conflict", "rejected", "deleted")
@@ -90,6 +91,27 @@ def revive_check(session: Session, store, image: Image) -> None:
         raise FastclassError(f"image {image.id} cannot be kept: {reason}")
 
 
+def _revive(session: Session, store, image: Image) -> None:
+    """revive_check inside a decision's transaction: a refusal rolls the decision back."""
+    try:
+        revive_check(session, store, image)
+    except FastclassError:
+        session.rollback()
+        raise
+
+
+def keep_refusal(image: Image) -> str | None:
+    """Why a reviewer may not keep this image (verify rejected it, before or after a prune), or None."""
+    if image.status == "rejected" or (image.status == "deleted" and image.reason not in (None, DELETED_BY_REVIEW)):
+        return f"image {image.id} was rejected by verify ({image.reason}); it cannot be kept"
+    return None
+
+
+def _changed_since_shown(session: Session, image_id: int, status: str, label_id: int | None) -> FastclassError:
+    return FastclassError(f"image {image_id} changed since it was shown (now {status}, label "
+                          f"{_label_name(session, label_id)}); look at it again and decide anew")
+
+
 def _guarded_update(session: Session, image_id: int, status: str, label_id: int | None, conflict: str | None,
                     values: dict) -> None:
     """Write a decision only if the image is still as it was read (two reviewers, or a reviewer and a
@@ -100,8 +122,7 @@ def _guarded_update(session: Session, image_id: int, status: str, label_id: int 
     if session.execute(query.values(**values).execution_options(synchronize_session=False)).rowcount != 1:
         session.rollback()
         current = session.get(Image, image_id, populate_existing=True)
-        raise FastclassError(f"image {image_id} changed since it was shown (now {current.status}, label "
-                             f"{_label_name(session, current.label_id)}); look at it again and decide anew")
+        raise _changed_since_shown(session, image_id, current.status, current.label_id)
 
 
 def decide(session: Session, store, image_id: int, action: str, label: str | None = None,
@@ -123,12 +144,12 @@ def decide(session: Session, store, image_id: int, action: str, label: str | Non
         raise NotFoundError(f"no image with id {image_id} in the catalog")
     old_status, old_label_id, old_conflict = image.status, image.label_id, image.conflict
     if seen is not None and seen != (old_status, old_label_id):
-        raise FastclassError(f"image {image_id} changed since it was shown (now {old_status}, label "
-                             f"{_label_name(session, old_label_id)}); look at it again and decide anew")
+        raise _changed_since_shown(session, image_id, old_status, old_label_id)
     new_status, new_label_id = old_status, old_label_id
     if action == "keep":
-        if old_status == "rejected" or (old_status == "deleted" and image.reason not in (None, DELETED_BY_REVIEW)):
-            raise FastclassError(f"image {image_id} was rejected by verify ({image.reason}); it cannot be kept")
+        refusal = keep_refusal(image)
+        if refusal:
+            raise FastclassError(refusal)
         if old_status in ("duplicate", "deleted"):
             new_status = "ok"
     elif action == "delete":
@@ -138,8 +159,7 @@ def decide(session: Session, store, image_id: int, action: str, label: str | Non
             raise FastclassError("relabel needs a label")
         name = normalize_label(label)
         if not create_label and not label_exists(session, name):
-            raise NotFoundError(f"no label {name!r} in the catalog{did_you_mean(session, name)}; "
-                                "confirm a new label to create it")
+            raise unknown_label(session, name, "confirm a new label to create it")
         new_label_id = label_ids(session, [name])[name]
     if not allowed(old_status, new_status, Actor.REVIEWER):
         raise FastclassError(f"image {image_id} cannot go from {old_status} to {new_status} by review")
@@ -151,11 +171,7 @@ def decide(session: Session, store, image_id: int, action: str, label: str | Non
         values["reason"] = None
     _guarded_update(session, image_id, old_status, old_label_id, old_conflict, values)
     if new_status == "ok" and old_status != "ok":
-        try:
-            revive_check(session, store, image)
-        except FastclassError:
-            session.rollback()
-            raise
+        _revive(session, store, image)
     review = Review(image_id=image_id, action=action, old_status=old_status, new_status=new_status,
                     old_label_id=old_label_id, new_label_id=new_label_id, reviewer=reviewer or reviewer_name(),
                     old_conflict=old_conflict)
@@ -201,11 +217,7 @@ def undo(session: Session, store, review_id: int, reviewer: str | None = None) -
         values["reason"] = image.reason if review.old_status == "rejected" else None
     _guarded_update(session, image.id, image.status, image.label_id, image.conflict, values)
     if review.old_status == "ok" and image.status != "ok":
-        try:
-            revive_check(session, store, image)
-        except FastclassError:
-            session.rollback()
-            raise
+        _revive(session, store, image)
     row = Review(image_id=image.id, action="undo", old_status=review.new_status, new_status=review.old_status,
                  old_label_id=review.new_label_id, new_label_id=review.old_label_id,
                  reviewer=reviewer or reviewer_name(), undoes_id=review_id)
@@ -245,7 +257,7 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
         Label, Label.id == Image.label_id)
     if status == "conflict":
         # Open conflicts only: a reviewer's decision closes one, and a deleted image has none to settle.
-        query = query.where(Image.conflict.is_not(None), Image.status.in_(("pending", "ok", "duplicate")))
+        query = query.where(Image.conflict.is_not(None), Image.status.in_(LIVE))
     else:
         query = query.where(Image.status == status)
     if label is not None:
@@ -377,11 +389,9 @@ def apply_csv(session: Session, store, path: Path, reviewer: str | None = None,
                         raise FastclassError("relabel needs a label in the third column")
                     label = normalize_label(label)
                     if not create_labels and not label_exists(session, label):
-                        raise NotFoundError(f"no label {label!r} in the catalog{did_you_mean(session, label)} "
-                                            "(add --create-labels to create new labels)")
-                if action == "keep" and (image.status == "rejected" or (
-                        image.status == "deleted" and image.reason not in (None, DELETED_BY_REVIEW))):
-                    raise FastclassError(f"image {image.id} was rejected by verify; it cannot be kept")
+                        raise unknown_label(session, label, "add --create-labels to create new labels")
+                if action == "keep" and keep_refusal(image):
+                    raise FastclassError(keep_refusal(image))
                 if action == "keep" and image.status in ("duplicate", "deleted"):
                     revive_check(session, store, image)
             except FastclassError as exc:

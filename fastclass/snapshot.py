@@ -190,14 +190,11 @@ def show_snapshot(session: Session, name: str, store=None) -> SnapshotInfo:
     info = SnapshotInfo.from_row(row)
     info.digest_ok = content_digest(_item_tuples(session, row.id)) == row.digest
     if store is not None:
-        from fastclass.check import file_sha256
+        from fastclass.check import find_damage
 
-        items = snapshot_items(session, name)
-        present = [item for item in items if store.exists(item.store_path)]
-        store.fetch(item.store_path for item in present)
-        info.damaged = sorted({item.image_id for item in items if item not in present} |
-                              {item.image_id for item in present
-                               if file_sha256(str(store.path(item.store_path))) != item.sha256})
+        rows = [(item.image_id, item.sha256, item.store_path) for item in snapshot_items(session, name)]
+        missing, altered = find_damage(store, rows, set(store.iter_files()))
+        info.damaged = sorted(missing + altered)
     return info
 
 

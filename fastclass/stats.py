@@ -7,6 +7,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Image, ImageStatus, Label, Source
+from fastclass.lifecycle import LIVE
 
 STATUSES = [s.value for s in ImageStatus]
 
@@ -28,7 +29,7 @@ def catalog_stats(session: Session) -> dict:
         select(Source.engine, func.count(Source.id)).group_by(Source.engine).order_by(Source.engine)
     ).all())
     conflicts = session.scalar(select(func.count()).select_from(Image).where(
-        Image.conflict.is_not(None), Image.status.in_(("pending", "ok", "duplicate"))))
+        Image.conflict.is_not(None), Image.status.in_(LIVE)))
     return {"images": images, "labels": {k: labels[k] for k in sorted(labels)}, "engines": engines,
             "conflicts": conflicts}
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import DuplicateGroup, Image, ImageHash, Label, RunLoss, Snapshot, SnapshotItem, Source
+from db.models import DuplicateGroup, Image, ImageHash, RunLoss, Snapshot, SnapshotItem, Source
 from fastclass.errors import NotFoundError
+from fastclass.labels import label_names
 from fastclass.review import find_image, list_reviews
 
 
@@ -23,7 +24,7 @@ def resolve_image(session: Session, ref: str) -> Image:
 def image_story(session: Session, ref: str, store=None) -> dict:
     """Everything the catalog knows about one image, as plain data (the CLI prints it or its JSON)."""
     image = resolve_image(session, ref)
-    names = dict(session.execute(select(Label.id, Label.name)).all())
+    names = label_names(session)
     sources = [{"uri": s.uri, "engine": s.engine, "label": names.get(s.label_id), "query": s.query,
                 "crawl_job": s.crawl_job_id, "rank": s.rank, "page_url": s.page_url, "http_status": s.http_status,
                 "content_type": s.content_type, "at": s.fetched_at}
