@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from db import CatalogError, SchemaState, check_schema, open_engine, session_scope, upgrade_to_head
@@ -61,8 +61,17 @@ class Catalog:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        with session_scope(self.engine) as session:
-            yield session
+        """A session whose scope commits at the end; a full disk under the catalog is named as such."""
+        try:
+            with session_scope(self.engine) as session:
+                yield session
+        except OperationalError as exc:
+            text = _first_line(exc).lower()
+            if "disk is full" in text or "disk i/o error" in text or "no space left" in text:
+                raise FastclassError(
+                    f"cannot write the catalog {self.display}: the disk is full or failing ({_first_line(exc)}); "
+                    "free some space and re-run (what was committed is kept)") from exc
+            raise
 
     def close(self) -> None:
         self.engine.dispose()

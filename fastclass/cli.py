@@ -122,6 +122,38 @@ def progress_reporter(opts: Options, label: str) -> tuple[Callable[..., None] | 
     return update, finish
 
 
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and infinity (`nan` compares false with every bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number != number or number in (float("inf"), float("-inf")):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE_AT_LEAST_ONE = FiniteFloat(1.0)
+ROW_ID = click.IntRange(1, 2**63 - 1)
+"""An id or seed the catalog can store (a 64-bit signed integer)."""
+SEED = click.IntRange(0, 2**63 - 1)
+
+
+def budget_options(command: Callable) -> Callable:
+    """--file-timeout / --file-memory: what decoding one file may take (see fastclass.workers.Budget)."""
+    command = click.option("--file-memory", type=click.IntRange(64, 1 << 20), default=2048, show_default=True,
+                           metavar="MB", help="Memory decoding one file may use; a file that needs more is "
+                           "rejected.")(command)
+    return click.option("--file-timeout", type=FiniteFloat(0.1, 86400.0), default=30.0, show_default=True,
+                        metavar="SECONDS", help="Time decoding one file may take; a file that takes longer is "
+                        "rejected.")(command)
+
+
+def make_budget(file_timeout: float, file_memory: int):
+    from fastclass.workers import Budget
+
+    return Budget(file_timeout, file_memory)
+
+
 def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -143,16 +175,19 @@ def init(opts: Options, store: str | None) -> None:
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--label", metavar="NAME", help="One label for every file (a flat folder); else DIR/<label>/<files>.")
 @click.option("--workers", type=click.IntRange(1, 256), help="Worker processes for hashing [default: all cores].")
+@budget_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_options
-def import_(opts: Options, directory: Path, label: str | None, workers: int | None, as_json: bool) -> None:
+def import_(opts: Options, directory: Path, label: str | None, workers: int | None, file_timeout: float,
+            file_memory: int, as_json: bool) -> None:
     """Import an existing folder of images: DIR/<label>/<files>, or --label for a flat folder."""
     from fastclass.importer import import_folder
 
     update, finish = progress_reporter(opts, "Importing")
     try:
         with opts.session() as (catalog, session):
-            result = import_folder(session, catalog.store, directory, label=label, workers=workers, progress=update)
+            result = import_folder(session, catalog.store, directory, label=label, workers=workers, progress=update,
+                                   budget=make_budget(file_timeout, file_memory))
     finally:
         finish()
     if as_json:
@@ -220,17 +255,19 @@ def labels(opts: Options, as_json: bool) -> None:
 @click.option("--min-size", default="32x32", show_default=True, metavar="WxH", help="Reject images smaller than this.")
 @click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
               help="Reject images with more pixels (decompression bombs).")
-@click.option("--max-aspect", type=click.FloatRange(1.0), default=10.0, show_default=True,
+@click.option("--max-aspect", type=FINITE_AT_LEAST_ONE, default=10.0, show_default=True,
               help="Reject images whose long side is more than this many times the short side.")
 @click.option("--animated", type=click.Choice(["reject", "first-frame"]), default="reject", show_default=True,
               help="Reject animations, or keep them (training uses the first frame).")
 @click.option("--recheck", is_flag=True, help="Check ok and rejected images again too (after changing the rules).")
 @click.option("--prune", is_flag=True, help="Then remove the files of rejected images (rows stay, status deleted).")
 @click.option("--workers", type=click.IntRange(1, 256), help="Worker processes [default: all cores].")
+@budget_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_options
 def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max_aspect: float, animated: str,
-           recheck: bool, prune: bool, workers: int | None, as_json: bool) -> None:
+           recheck: bool, prune: bool, workers: int | None, file_timeout: float, file_memory: int,
+           as_json: bool) -> None:
     """Fully decode unverified images; mark each ok or rejected with its reason."""
     from fastclass.verify import VerifyRules, parse_size, prune_rejected, verify_images
 
@@ -240,7 +277,8 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
     try:
         with opts.session() as (catalog, session):
             result = verify_images(session, catalog.store, rules, label=label, recheck=recheck,
-                                   workers=workers, progress=update)
+                                   workers=workers, progress=update,
+                                   budget=make_budget(file_timeout, file_memory))
             finish()
             if prune:
                 result.pruned = prune_rejected(session, catalog.store)
@@ -281,7 +319,7 @@ def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str 
         if as_json:
             echo_json(conflicts)
             return
-        from fastclass.prompt import printable
+        from fastclass.text import printable
 
         click.echo(f"{len(conflicts)} open label conflict(s); settle each with `fastclass clean --status conflict`:")
         for item in conflicts:
@@ -544,12 +582,15 @@ def _parse_bytes(text: str) -> int:
               help="Stop an engine after this many downloads in a row failed.")
 @click.option("--queue", "enqueue", is_flag=True,
               help="Only queue the job(s), for `fastclass worker`s on any machine to run.")
+@click.option("--allow-private", is_flag=True,
+              help="Also fetch from loopback, private and link-local addresses (intranets, local test servers).")
 @click.option("--json", "as_json", is_flag=True, help="Print the job record(s) as JSON.")
 @pass_options
 def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[str, ...], max_new: int,
           min_size: str | None, threads: int, per_host: int, filters: tuple[str, ...], pages: tuple[str, ...],
           urls_file: Path | None, engine_urls: tuple[str, ...], from_csv: Path | None, resume: bool, timeout: float,
-          max_bytes: str, retries: int, max_failures: int, enqueue: bool, as_json: bool) -> None:
+          max_bytes: str, retries: int, max_failures: int, enqueue: bool, allow_private: bool,
+          as_json: bool) -> None:
     """Crawl web images for one class (QUERY), every class of a CSV (--from), or unfinished crawls (--resume)."""
     from fastclass.crawl import (
         CrawlOptions,
@@ -567,6 +608,8 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
         raise click.UsageError("give one of QUERY, --from FILE.csv or --resume")
     if enqueue and resume:
         raise click.UsageError("--queue and --resume cannot be used together (workers retry queued jobs themselves)")
+    if enqueue and allow_private:
+        raise click.UsageError("--allow-private is the worker's choice: pass it to `fastclass worker`, not --queue")
     engine_list = list(engines) or (["greedy"] if pages else ["urls"] if urls_file else list(DEFAULT_ENGINES))
     if not (query or from_csv or resume or pages or urls_file):
         raise click.UsageError("give a QUERY, --from FILE.csv, --resume, --url PAGE or --urls FILE")
@@ -609,7 +652,8 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
         for resumed_from, options in planned:
             update, finish = progress_reporter(opts, f"Crawling {options.label}")
             try:
-                reports.append(run_crawl(session, catalog.store, options, log_dir, update, resumed_from))
+                reports.append(run_crawl(session, catalog.store, options, log_dir, update, resumed_from,
+                                         allow_private=allow_private))
             finally:
                 finish()
             if not as_json:
@@ -678,10 +722,12 @@ def jobs(opts: Options, limit: int | None, as_json: bool) -> None:
 @click.option("--poll", type=click.FloatRange(0.1), default=2.0, show_default=True,
               help="Seconds between looks at an empty queue.")
 @click.option("--until-empty", is_flag=True, help="Stop when no job is queued or running anywhere.")
+@click.option("--allow-private", is_flag=True,
+              help="Let this worker's jobs fetch from loopback, private and link-local addresses.")
 @click.option("--json", "as_json", is_flag=True, help="At the end, print the jobs this worker ran as JSON.")
 @pass_options
 def worker(opts: Options, concurrency: int, name: str | None, lease: float, poll: float, until_empty: bool,
-           as_json: bool) -> None:
+           allow_private: bool, as_json: bool) -> None:
     """Run queued crawl jobs (`crawl --queue`) from the catalog; start any number, on any machine."""
     from fastclass.crawl_queue import run_worker
 
@@ -694,7 +740,7 @@ def worker(opts: Options, concurrency: int, name: str | None, lease: float, poll
     catalog = opts.open()
     try:
         result = run_worker(catalog, catalog.work_dir / "logs", name, concurrency, lease, poll,
-                            until_empty, on_job)
+                            until_empty, on_job, allow_private)
     finally:
         catalog.close()
     if as_json:
@@ -895,7 +941,7 @@ def delete(opts: Options, images: tuple[str, ...]) -> None:
 @pass_options
 def image(opts: Options, ref: str, as_json: bool) -> None:
     """One image's whole story: file, hashes, sources, status history, group, conflicts, snapshots, losses."""
-    from fastclass.prompt import printable
+    from fastclass.text import printable
     from fastclass.story import image_story
 
     with opts.session() as (catalog, session):

@@ -1,21 +1,18 @@
 """`fastclass crawl`: one class from web engines into the catalog, resumable, polite and deduplicated.
 
 The main thread walks each engine's result pages and owns the catalog session; a thread pool downloads
-(byte cap, timeouts, redirect limit, per-host concurrency, Retry-After) and analyses and stores the bytes,
-so the network wait overlaps. Every URL's outcome is recorded in `fetched_urls` in the same transaction
+through one Fetcher (fastclass/fetch.py: guarded addresses, byte and time limits, redirect limit,
+retries with Retry-After) under per-host concurrency, and each body is analysed and stored in an
+isolated worker process (fastclass/workers.py), so the network wait overlaps and a hostile file fails alone. Every URL's outcome is recorded in `fetched_urls` in the same transaction
 as its image, which is what makes a re-run (or `--resume`) skip everything fetched before.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
-import csv
-import datetime as dt
-import email.utils
 import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shlex
 import socket
@@ -28,14 +25,14 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 import requests
-import urllib3
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from db.models import CrawlJob, FetchedUrl, Label, Source, utcnow
 from fastclass import __version__
-from fastclass.engines import EngineProblem, EngineRequest, Hit, RewritingSession, get_engine
-from fastclass.errors import FastclassError, NotFoundError
+from fastclass.engines import EngineProblem, EngineRequest, Hit, get_engine
+from fastclass.errors import FastclassError
+from fastclass.fetch import Fetcher, FetchFailed, Stopped, http_url
 from fastclass.ingest import (
     DEFAULT_MAX_BYTES,
     ImageFacts,
@@ -53,14 +50,12 @@ from fastclass.ingest import (
 )
 from fastclass.labels import label_ids, normalize_label
 from fastclass.store import ImageStore, StoredFile, pid_alive
-from fastclass.workers import worker_pool
+from fastclass.text import csv_records, printable
+from fastclass.workers import IsolatedPool
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"fastclass/{__version__} (+https://github.com/fastclass; image dataset builder)"
-PERMANENT_HTTP = {400, 401, 403, 404, 405, 406, 410, 414, 415, 451}
-RETRY_HTTP = {429, 502, 503, 504}
-MAX_RETRY_WAIT = 60.0
 MAX_PAGE_BYTES = 10 * 1024 * 1024
 BATCH_SIZE = 32
 BATCH_SECONDS = 0.5
@@ -180,7 +175,7 @@ def parse_engine_urls(pairs: list[str]) -> dict[str, str]:
     urls = {}
     for pair in pairs:
         name, sep, base = pair.partition("=")
-        if not sep or urlsplit(base).scheme not in ("http", "https"):
+        if not sep or not http_url(base):
             raise FastclassError(f"--engine-url {pair!r} is not ENGINE=http(s)://HOST[:PORT]")
         get_engine(name)
         urls[name] = base
@@ -198,51 +193,64 @@ def read_class_csv(path: Path) -> tuple[list[ClassRow], list[str]]:
     """Rows of the fastclass CSV (`searchterm,exclude`, optional `label`), and one message per bad row.
 
     The query sent to the engines is the search term plus `-word` for each exclude word; the label is the
-    search term without the exclude words. Exclude words are separated by spaces; quote phrases.
+    search term without the exclude words. Exclude words are separated by spaces; quote phrases. Each line
+    is one row, parsed strictly: a quote left open is that line's error, never a swallowed rest of file.
     """
-    if not path.is_file():
-        raise NotFoundError(f"CSV file {path} does not exist")
     rows, errors = [], []
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh, skipinitialspace=True)
-        header = [h.strip().lower() for h in next(reader, [])]
-        if "searchterm" not in header:
-            raise FastclassError(f"{path}: the first line must be the header `searchterm,exclude` (found {header})")
-        column = {name: header.index(name) for name in ("searchterm", "exclude", "label") if name in header}
-        for record in reader:
-            line = reader.line_num
-            if not any(cell.strip() for cell in record):
-                continue
-
-            def cell(name: str) -> str:
-                index = column.get(name)
-                return record[index].strip() if index is not None and index < len(record) else ""
-            term = cell("searchterm")
-            if not term:
-                errors.append(f"{path}:{line}: empty searchterm")
-                continue
-            if any(extra.strip() for extra in record[len(header):]):
-                errors.append(f"{path}:{line}: {len(record)} fields, the header has {len(header)} "
-                              "(quote a search term that holds a comma)")
-                continue
-            try:
-                exclude = shlex.split(cell("exclude"))
-            except ValueError as exc:
-                errors.append(f"{path}:{line}: exclude column: {exc}")
-                continue
-            try:
-                label = normalize_label(cell("label")) if cell("label") else label_from_query(term, exclude)
-            except FastclassError as exc:
-                errors.append(f"{path}:{line}: {exc}")
-                continue
-            query = " ".join([term] + [f'-"{w}"' if " " in w else f"-{w}" for w in exclude])
-            rows.append(ClassRow(line, query, label))
+    header: list[str] = []
+    column: dict[str, int] = {}
+    for line, record, problem in csv_records(path, "CSV file"):
+        where = f"{path}:{line}"
+        if problem is not None:
+            if not header:
+                raise FastclassError(f"{where}: {problem}")
+            errors.append(f"{where}: {problem}")
+            continue
+        if not header:
+            header = [h.strip().lower() for h in record]
+            if "searchterm" not in header:
+                raise FastclassError(f"{where}: the first line must be the header `searchterm,exclude` "
+                                     f"(found {printable(','.join(record)[:80])!r})")
+            column = {name: header.index(name) for name in ("searchterm", "exclude", "label") if name in header}
+            continue
+        row = _class_row(record, header, column, where, line)
+        if isinstance(row, str):
+            errors.append(row)
+        else:
+            rows.append(row)
+    if not header:
+        raise FastclassError(f"{path}: the file is empty; its first line must be the header `searchterm,exclude`")
     return rows, errors
 
 
-def analyze_and_store(data: bytes, store: ImageStore,
-                      min_size: tuple[int, int] | None) -> tuple[ImageFacts, StoredFile] | str:
+def _class_row(record: list[str], header: list[str], column: dict[str, int], where: str,
+               line: int) -> ClassRow | str:
+    """One CSV record as a class, or the message saying what is wrong with it."""
+    def cell(name: str) -> str:
+        index = column.get(name)
+        return record[index].strip() if index is not None and index < len(record) else ""
+
+    term = cell("searchterm")
+    if not term:
+        return f"{where}: empty searchterm"
+    if any(extra.strip() for extra in record[len(header):]):
+        return (f"{where}: {len(record)} fields, the header has {len(header)} "
+                "(quote a search term that holds a comma)")
+    try:
+        exclude = shlex.split(cell("exclude"))
+    except ValueError as exc:
+        return f"{where}: exclude column: {exc}"
+    try:
+        label = normalize_label(cell("label")) if cell("label") else label_from_query(term, exclude)
+    except FastclassError as exc:
+        return f"{where}: {exc}"
+    query = " ".join([term] + [f'-"{w}"' if " " in w else f"-{w}" for w in exclude])
+    return ClassRow(line, query, label)
+
+
+def analyze_and_store(task: tuple[bytes, ImageStore, tuple[int, int] | None]) -> tuple[ImageFacts, StoredFile] | str:
     """Check, hash and store downloaded bytes (in a worker process); a string is the rejection reason."""
+    data, store, min_size = task
     try:
         facts = analyze_bytes(data)
     except NotAnImage as exc:
@@ -263,48 +271,35 @@ class _HostLimits:
             return self.semaphores.setdefault(host, threading.Semaphore(self.per_host))
 
 
-def _retry_wait(retry_after: str | None, attempt: int) -> float:
-    """Seconds to wait before a retry: the server's Retry-After when given, else exponential, with jitter."""
-    wait = 0.5 * 2 ** attempt
-    if retry_after:
-        if retry_after.strip().isdigit():
-            wait = float(retry_after.strip())
-        else:
-            try:
-                when = email.utils.parsedate_to_datetime(retry_after)
-                wait = (when - dt.datetime.now(dt.timezone.utc)).total_seconds()
-            except (TypeError, ValueError):
-                pass
-    wait = min(max(wait, 0.0), MAX_RETRY_WAIT)
-    return wait + random.uniform(0, 0.1 * wait + 0.05)
-
-
 class Crawler:
     """One class's crawl: engines in order, downloads in a thread pool, catalog writes in this thread."""
 
     def __init__(self, session: Session, store: ImageStore, options: CrawlOptions, log_dir: Path,
-                 progress: Callable[[int, int, str], None] | None = None) -> None:
+                 progress: Callable[[int, int, str], None] | None = None, allow_private: bool = False) -> None:
         self.session = session
         self.store = store
         self.options = options
         self.log_dir = log_dir
         self.progress = progress
-        self.stop = threading.Event()
-        self.pool = urllib3.PoolManager(num_pools=64, maxsize=max(options.per_host, 1), block=False,
-                                        headers={"User-Agent": USER_AGENT})
-        self.http_timeout = urllib3.Timeout(connect=options.connect_timeout, read=options.timeout)
-        # Decoding and hashing run in worker processes: in the download threads they would hold the
-        # interpreter lock that 32 threads reading sockets also need (measured: 330 vs 450+ images/s).
-        cores = os.cpu_count() or 1
-        self.analysis_pool = worker_pool(min(cores, 8)) if cores > 1 else None
-        self.host_limits = _HostLimits(options.per_host)
-        rewrites = {}
+        rewrites, trusted = {}, set()
         for name, base in options.engine_urls.items():
             engine = get_engine(name)
             if engine.public_base:
                 rewrites[engine.public_base] = base
+            parts = urlsplit(base)
+            trusted.add((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
         self.rewrites = rewrites
-        self.page_session = self._new_session()
+        # An --engine-url is an address the user named: reachable even when private. Nothing else is,
+        # unless allow_private (intranets, tests).
+        self.fetcher = Fetcher(options.timeout, options.connect_timeout, options.max_redirects, options.retries,
+                               allow_private, trusted, USER_AGENT, options.per_host)
+        self.stop = self.fetcher.stop
+        # Decoding and hashing run in worker processes: in the download threads they would hold the
+        # interpreter lock that 32 threads reading sockets also need (measured: 330 vs 450+ images/s);
+        # isolated, so that a body that hangs or crashes a decoder fails alone.
+        self.analysis_pool = IsolatedPool(min(os.cpu_count() or 1, 8))
+        self.host_limits = _HostLimits(options.per_host)
+        self.page_session = self.fetcher.requests_session(rewrites)
         self.pending: list[_Outcome] = []
         self.failures: list[_Outcome] = []
         self.last_flush = time.monotonic()
@@ -313,40 +308,30 @@ class Crawler:
         self.job_id = 0
         self.label_id = 0
 
-    def _new_session(self) -> RewritingSession:
-        session = RewritingSession(self.rewrites, (self.options.connect_timeout, self.options.timeout), USER_AGENT)
-        session.max_redirects = self.options.max_redirects
-        adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=max(16, self.options.threads))
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        return session
-
     # -- result pages ---------------------------------------------------------------------------
     def fetch_page(self, engine: str, url: str) -> requests.Response:
-        last = "no answer"
-        for attempt in range(self.options.retries + 1):
-            try:
-                response = self.page_session.get(url, allow_redirects=True)
-            except requests.TooManyRedirects:
-                raise EngineProblem(f"{engine}: too many redirects fetching {url}") from None
-            except requests.RequestException as exc:
-                last = _short_error(exc)
-                if attempt < self.options.retries and not self.stop.wait(_retry_wait(None, attempt)):
-                    continue
-                raise EngineProblem(f"{engine}: cannot fetch its result page {url}: {last}") from None
-            code = response.status_code
-            if code in RETRY_HTTP and attempt < self.options.retries:
-                if not self.stop.wait(_retry_wait(response.headers.get("Retry-After"), attempt)):
-                    continue
+        """An engine's result page (or a greedy page), within the page limits, as the requests.Response
+        that icrawler's parsers read."""
+        target = self.page_session.rewrite(url)
+        try:
+            fetched = self.fetcher.get(target, MAX_PAGE_BYTES)
+        except FetchFailed as failure:
+            code = failure.status or 0
             if code in (403, 429):
-                raise EngineProblem(f"{engine} refused our requests (HTTP {code} on {url}): it is blocking or "
-                                    "rate-limiting this machine; wait, then re-run to continue")
+                raise EngineProblem(f"{engine} refused our requests (HTTP {code} on {url}): it is blocking "
+                                    "or rate-limiting this machine; wait, then re-run to continue") from None
             if code >= 400:
-                raise EngineProblem(f"{engine} answered HTTP {code} for its result page {url}")
-            if len(response.content) > MAX_PAGE_BYTES:
-                raise EngineProblem(f"{engine}: result page {url} is larger than {MAX_PAGE_BYTES} bytes")
-            return response
-        raise EngineProblem(f"{engine}: giving up on {url}: {last}")
+                raise EngineProblem(f"{engine} answered HTTP {code} for its result page {url}") from None
+            if failure.rejected and "byte cap" in failure.reason:
+                raise EngineProblem(f"{engine}: result page {url} is larger than {MAX_PAGE_BYTES} bytes") from None
+            raise EngineProblem(f"{engine}: cannot fetch its result page {url}: {failure.reason}") from None
+        response = requests.Response()
+        response.status_code = fetched.status
+        response.url = fetched.url
+        response.headers = requests.structures.CaseInsensitiveDict(fetched.headers)
+        response.encoding = requests.utils.get_encoding_from_headers(response.headers)
+        response._content = fetched.body
+        return response
 
     def save_page(self, engine: str, page: bytes | None, job_id: int) -> Path | None:
         if not page:
@@ -363,18 +348,18 @@ class Crawler:
     # -- downloads (worker threads) ------------------------------------------------------------------
     def download(self, hit: Hit, engine: str, rank: int) -> _Outcome:
         outcome = _Outcome(hit, engine, rank)
-        parts = urlsplit(hit.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            outcome.reason = "not an http(s) URL"
+        if not http_url(hit.url):
+            outcome.reason = "not a well-formed http(s) URL"
             return outcome
-        with self.host_limits(parts.netloc):
+        with self.host_limits(urlsplit(hit.url).netloc):
             data = self._fetch_body(hit.url, outcome)
         if data is None or self.stop.is_set():
             return outcome
-        if self.analysis_pool is not None:
-            verdict = self.analysis_pool.submit(analyze_and_store, data, self.store, self.options.min_size).result()
-        else:
-            verdict = analyze_and_store(data, self.store, self.options.min_size)
+        verdict, failure = self.analysis_pool.outcome(self.analysis_pool.submit(
+            analyze_and_store, (data, self.store, self.options.min_size), hit.url))
+        if failure is not None:
+            outcome.reason, outcome.rejected = failure, True
+            return outcome
         if isinstance(verdict, str):
             outcome.reason, outcome.rejected = verdict, True
             return outcome
@@ -385,76 +370,18 @@ class Crawler:
         return outcome
 
     def _fetch_body(self, url: str, outcome: _Outcome) -> bytes | None:
-        """The body of an image URL, or None with outcome.reason set. urllib3 directly: requests costs
-        about 0.6 ms more CPU per download, and the download threads share one interpreter lock."""
-        cap = self.options.max_bytes
-        retry = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0,
-                              redirect=self.options.max_redirects, raise_on_redirect=True)
-        for attempt in range(self.options.retries + 1):
-            if self.stop.is_set():
-                return None
-            try:
-                response = self.pool.request("GET", url, preload_content=False, retries=retry,
-                                             timeout=self.http_timeout)
-            except urllib3.exceptions.MaxRetryError as exc:
-                if isinstance(exc.reason, urllib3.exceptions.ResponseError):
-                    outcome.reason = f"too many redirects (more than {self.options.max_redirects})"
-                    return None
-                outcome.reason, outcome.permanent = _short_error(exc.reason or exc), False
-            except urllib3.exceptions.LocationValueError as exc:
-                outcome.reason = f"bad URL ({exc})"
-                return None
-            except urllib3.exceptions.HTTPError as exc:
-                outcome.reason, outcome.permanent = _short_error(exc), False
-            else:
-                try:
-                    code = outcome.http_status = response.status
-                    if code in RETRY_HTTP and attempt < self.options.retries:
-                        wait = _retry_wait(response.headers.get("Retry-After"), attempt)
-                        response.drain_conn()
-                        if self.stop.wait(wait):
-                            return None
-                        continue
-                    if code >= 400:
-                        outcome.reason, outcome.permanent = f"HTTP {code}", code in PERMANENT_HTTP
-                        return None
-                    ctype = outcome.content_type = response.headers.get("Content-Type", "")[:200] or None
-                    if ctype and ctype.lower().startswith(NOT_IMAGE_TYPES):
-                        outcome.reason, outcome.rejected = f"not an image (served {ctype.split(';')[0]})", True
-                        return None
-                    length = response.headers.get("Content-Length", "")
-                    if length.isdigit() and int(length) > cap:
-                        outcome.reason, outcome.rejected = f"larger than the byte cap ({cap} bytes)", True
-                        return None
-                    return self._read_capped(response, outcome)
-                except urllib3.exceptions.HTTPError as exc:
-                    outcome.reason, outcome.permanent = _short_error(exc), False
-                    return None
-                finally:
-                    response.release_conn()
-            # A connection error: worth retrying after a pause; a timeout is not (the next run retries it).
-            if "timed out" in (outcome.reason or "") or attempt >= self.options.retries:
-                return None
-            if self.stop.wait(_retry_wait(None, attempt)):
-                return None
-        return None
-
-    def _read_capped(self, response: urllib3.BaseHTTPResponse, outcome: _Outcome) -> bytes | None:
-        cap = self.options.max_bytes
-        deadline = time.monotonic() + 3 * self.options.timeout + self.options.connect_timeout
-        chunks, size = [], 0
-        for chunk in response.stream(64 * 1024):
-            size += len(chunk)
-            if size > cap:
-                outcome.reason, outcome.rejected = f"larger than the byte cap ({cap} bytes)", True
-                response.close()
-                return None
-            if time.monotonic() > deadline or self.stop.is_set():
-                outcome.reason, outcome.permanent = "download too slow (over the time limit)", False
-                response.close()
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+        """The body of an image URL, or None with outcome.reason set."""
+        try:
+            fetched = self.fetcher.get(url, self.options.max_bytes, NOT_IMAGE_TYPES)
+        except FetchFailed as failure:
+            outcome.reason, outcome.permanent, outcome.rejected = failure.reason, failure.permanent, failure.rejected
+            outcome.http_status, outcome.content_type = failure.status, failure.content_type
+            return None
+        except Stopped:
+            return None
+        outcome.http_status = fetched.status
+        outcome.content_type = fetched.headers.get("Content-Type", "")[:200] or None
+        return fetched.body
 
     # -- the main loop ----------------------------------------------------------------------------
     def run(self, job: CrawlJob, report: CrawlReport) -> None:
@@ -470,7 +397,8 @@ class Crawler:
             self._drain(in_flight, report, wait_all=True)
             self._flush(report, force=True)
         except BaseException:
-            self.stop.set()
+            # Ctrl-C or an error: every connect, read and retry wait in the download threads ends now.
+            self.fetcher.abort()
             executor.shutdown(wait=False, cancel_futures=True)
             self._discard_in_flight(in_flight)
             try:
@@ -480,10 +408,9 @@ class Crawler:
                 self.session.rollback()
             raise
         finally:
-            self.stop.set()
+            self.fetcher.abort()
             executor.shutdown(wait=False, cancel_futures=True)
-            if self.analysis_pool is not None:
-                self.analysis_pool.shutdown(wait=False, cancel_futures=True)
+            self.analysis_pool.close()
 
     def _run_engine(self, name: str, stats: EngineStats, report: CrawlReport, job: CrawlJob,
                     executor: cf.ThreadPoolExecutor, in_flight: dict) -> None:
@@ -667,15 +594,6 @@ def _fetched_row(outcome: _Outcome, state: str, job_id: int) -> dict:
             "crawl_job_id": job_id, "fetched_at": utcnow()}
 
 
-def _short_error(exc: BaseException) -> str:
-    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)):
-        return "timed out"
-    if isinstance(exc, (requests.ConnectionError, urllib3.exceptions.NewConnectionError,
-                        urllib3.exceptions.ProtocolError)):
-        return "connection failed"
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}"
-
-
 def _chunked(items: Iterator[Hit], size: int) -> Iterator[list[Hit]]:
     chunk: list[Hit] = []
     for item in items:
@@ -710,9 +628,10 @@ def job_params(options: CrawlOptions, resumed_from: int | None = None) -> str:
 
 def run_crawl(session: Session, store: ImageStore, options: CrawlOptions, log_dir: Path,
               progress: Callable[[int, int, str], None] | None = None, resumed_from: int | None = None,
-              job_id: int | None = None) -> CrawlReport:
+              job_id: int | None = None, allow_private: bool = False) -> CrawlReport:
     """Crawl one class into the catalog; the job row records the run whatever happens. With job_id, the
-    run is that existing (queued and claimed) job's; else a new job row is made."""
+    run is that existing (queued and claimed) job's; else a new job row is made. allow_private lets
+    result URLs and redirects reach loopback, private and link-local addresses (refused by default)."""
     check_options(options)
     label_id = label_ids(session, [options.label])[options.label]
     if job_id is None:
@@ -724,7 +643,7 @@ def run_crawl(session: Session, store: ImageStore, options: CrawlOptions, log_di
         job.params = job_params(options, resumed_from)
     session.commit()
     report = CrawlReport(job.id, options.query, options.label)
-    crawler = Crawler(session, store, options, log_dir, progress)
+    crawler = Crawler(session, store, options, log_dir, progress, allow_private)
     crawler.job_id, crawler.label_id = job.id, label_id
     started = time.monotonic()
     try:

@@ -124,9 +124,12 @@ class WorkerResult:
 
 def run_worker(catalog: Catalog, log_dir: Path, worker: str | None = None, concurrency: int = 1,
                lease_seconds: float = DEFAULT_LEASE_SECONDS, poll_seconds: float = 2.0, until_empty: bool = False,
-               on_job: Callable[[CrawlReport], None] | None = None) -> WorkerResult:
+               on_job: Callable[[CrawlReport], None] | None = None, allow_private: bool = False) -> WorkerResult:
     """Claim and run queued crawl jobs, `concurrency` at a time, until stopped (Ctrl-C) or, with
-    until_empty, until no job is queued or running anywhere (a running one may come back to the queue)."""
+    until_empty, until no job is queued or running anywhere (a running one may come back to the queue).
+
+    allow_private is the worker's own choice, never the job's: whoever queues a job cannot make a worker
+    inside a company network fetch from private addresses."""
     result = WorkerResult(worker or default_worker_name())
     stop = threading.Event()
     lock = threading.Lock()
@@ -141,7 +144,7 @@ def run_worker(catalog: Catalog, log_dir: Path, worker: str | None = None, concu
                     return
                 stop.wait(poll_seconds)
                 continue
-            report = _run_claimed(catalog, job, log_dir, result.worker, lease_seconds)
+            report = _run_claimed(catalog, job, log_dir, result.worker, lease_seconds, allow_private)
             with lock:
                 if isinstance(report, str):
                     result.errors.append(report)
@@ -165,12 +168,13 @@ def run_worker(catalog: Catalog, log_dir: Path, worker: str | None = None, concu
 
 
 def _run_claimed(catalog: Catalog, job: CrawlJob, log_dir: Path, worker: str,
-                 lease_seconds: float) -> CrawlReport | str:
+                 lease_seconds: float, allow_private: bool) -> CrawlReport | str:
     options = CrawlOptions.from_json(job.params)
     with LeaseKeeper(catalog, job.id, worker, lease_seconds):
         try:
             with catalog.session() as session:
-                return run_crawl(session, catalog.store, options, log_dir, job_id=job.id)
+                return run_crawl(session, catalog.store, options, log_dir, job_id=job.id,
+                                 allow_private=allow_private)
         except Exception as exc:  # one bad job must not stop the worker; the job row records why
             message = f"crawl job {job.id} failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
             log.warning(message)

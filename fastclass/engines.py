@@ -4,7 +4,7 @@ Result-page URLs come from icrawler's feeders and image URLs from icrawler's par
 knowledge stays in one maintained place; fastclass owns fetching (limits, retries, blocks) and
 downloading. Each engine's public address can be replaced (`--engine-url bing=http://127.0.0.1:8000`)
 by a mirror, a proxy or a test server: the fetch session rewrites the public base URL, which also
-reaches requests an icrawler parser makes itself (Flickr's size lookups).
+reaches requests an icrawler parser makes itself (Flickr's size lookups); see fastclass/fetch.py.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from urllib.parse import quote_plus, urljoin, urlsplit
 import requests
 
 from fastclass.errors import FastclassError
+from fastclass.fetch import http_url
+from fastclass.text import printable, read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -83,26 +85,6 @@ def get_engine(name: str) -> Engine:
         return ENGINES[name]
     except KeyError:
         raise FastclassError(f"unknown engine {name!r}; use one of: {', '.join(sorted(ENGINES))}") from None
-
-
-class RewritingSession(requests.Session):
-    """A requests session that sends public engine URLs to their configured replacements, with a timeout."""
-
-    def __init__(self, rewrites: dict[str, str], timeout: tuple[float, float], user_agent: str) -> None:
-        super().__init__()
-        self.rewrites = {public.rstrip("/"): local.rstrip("/") for public, local in rewrites.items()}
-        self.default_timeout = timeout
-        self.headers["User-Agent"] = user_agent
-
-    def rewrite(self, url: str) -> str:
-        for public, local in self.rewrites.items():
-            if url == public or url.startswith(public + "/") or url.startswith(public + "?"):
-                return local + url[len(public):]
-        return url
-
-    def request(self, method, url, *args, **kwargs):  # type: ignore[override]
-        kwargs.setdefault("timeout", self.default_timeout)
-        return super().request(method, self.rewrite(url), *args, **kwargs)
 
 
 def _icrawler(component_cls, session: requests.Session):
@@ -243,8 +225,8 @@ def _greedy_check(request: EngineRequest) -> None:
     if not request.pages:
         raise FastclassError("the greedy engine needs at least one --url PAGE")
     for page in request.pages:
-        if urlsplit(page).scheme not in ("http", "https"):
-            raise FastclassError(f"--url {page!r} is not an http(s) URL")
+        if not http_url(page):
+            raise FastclassError(f"--url {page!r} is not a well-formed http(s) URL")
 
 
 def _greedy_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
@@ -265,17 +247,23 @@ def _greedy_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
             log.warning("greedy: skipping %s: %s", page, exc)
             continue
         found = []
-        for item in parser.parse(response, domains):
-            if isinstance(item, dict):
-                found.append(item["file_url"])
-            elif item not in visited:
-                todo.append(item)
+        try:
+            for item in parser.parse(response, domains):
+                if isinstance(item, dict):
+                    found.append(item["file_url"])
+                elif item not in visited and http_url(item):
+                    todo.append(item)
+        except ValueError as exc:  # a malformed link on a hostile page: keep what was read before it
+            log.warning("greedy: a malformed link on %s (%s); the page's other links are skipped", page, exc)
         # icrawler skips relative <img src>; resolve them against the page.
         text = response.content.decode("utf-8", "ignore")
         for src in re.findall(r"<img[^>]+src=[\"']([^\"']+)[\"']", text, re.I):
-            found.append(urljoin(response.url, html.unescape(src)))
+            try:
+                found.append(urljoin(response.url, html.unescape(src)))
+            except ValueError:
+                continue
         for url in found:
-            if url not in seen and urlsplit(url).scheme in ("http", "https"):
+            if url not in seen and http_url(url):
                 seen.add(url)
                 yield Hit(url, page)
 
@@ -290,12 +278,12 @@ def _urls_check(request: EngineRequest) -> None:
 def read_url_list(path: Path) -> tuple[list[tuple[int, str]], list[str]]:
     """(line number, URL) of each usable line, and one message per bad line; blank lines and # comments skipped."""
     good, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    for number, line in enumerate(read_text_file(path, "--urls file").splitlines(), start=1):
         url = line.strip()
         if not url or url.startswith("#"):
             continue
-        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-            bad.append(f"{path}:{number}: not an http(s) URL: {url[:80]!r}")
+        if not http_url(url):
+            bad.append(f"{path}:{number}: not a well-formed http(s) URL: {printable(url[:80])!r}")
             continue
         good.append((number, url))
     return good, bad

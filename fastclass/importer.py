@@ -1,6 +1,7 @@
 """`fastclass import`: bring an existing folder tree of images into the catalog through ingest."""
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,8 +23,11 @@ from fastclass.ingest import (
     read_capped,
 )
 from fastclass.labels import normalize_label
+from fastclass.text import printable
 from fastclass.store import ImageStore, S3ImageStore, StoreError
-from fastclass.workers import map_in_workers
+from fastclass.workers import Budget, IsolatedPool
+
+log = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
 Progress = Callable[[int, int], None]
@@ -61,25 +65,47 @@ def list_import_files(root: Path, label: str | None) -> tuple[list[tuple[Path, s
     files: list[tuple[Path, str]] = []
     skipped: Counter = Counter()
     fixed = normalize_label(label) if label else None
-    for path, depth in _walk_files(root, skipped, frozenset()):
+    # Each label folder is walked on its own: the same files linked under two labels are two claims.
+    for path, depth in _walk_files(root, skipped, frozenset(), set(), per_label=fixed is None):
         if fixed:
             files.append((path, fixed))
             continue
         if depth < 2:
             skipped["file outside a label folder (use --label for a flat folder)"] += 1
             continue
+        folder = path.relative_to(root).parts[0]
+        if not _utf8(folder):
+            skipped["label folder name is not valid UTF-8 (rename the folder)"] += 1
+            continue
         try:
-            files.append((path, normalize_label(path.relative_to(root).parts[0])))
+            files.append((path, normalize_label(folder)))
         except FastclassError:
             skipped["label folder name is not a valid label"] += 1
     return files, skipped
 
 
-def _walk_files(folder: Path, skipped: Counter, above: frozenset[tuple[int, int]],
-                depth: int = 1) -> Iterator[tuple[Path, int]]:
+def _utf8(name: str) -> bool:
+    """Whether a name from the file system is valid UTF-8 (Python keeps the bytes of one that is not as
+    surrogates, which no database can store)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def source_uri(path: str) -> str:
+    """A file's path as recorded provenance; bytes that are not UTF-8 are written as \\xNN escapes."""
+    return path if _utf8(path) else os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _walk_files(folder: Path, skipped: Counter, above: frozenset[tuple[int, int]], seen: set[tuple[int, int]],
+                depth: int = 1, per_label: bool = False) -> Iterator[tuple[Path, int]]:
     """Files under folder in name order, with their depth (1 = directly in the root); hidden ones skipped.
 
-    Links to files and folders are followed, except a link to a folder above it (a loop).
+    Links to files and folders are followed, except a link to a folder above it (a loop). A folder or file
+    reached again by another path (links that form a DAG) is skipped, so every one is walked once (once
+    per label folder with per_label).
     scandir's entries know their type from the listing itself: no stat per file, except for links.
     """
     try:
@@ -95,6 +121,10 @@ def _walk_files(folder: Path, skipped: Counter, above: frozenset[tuple[int, int]
     if key in above:
         skipped["link to a folder above it (a loop)"] += 1
         return
+    if key in seen:
+        skipped["folder reached again by a link"] += 1
+        return
+    seen.add(key)
     subfolders = []
     for entry in entries:
         try:
@@ -104,6 +134,12 @@ def _walk_files(folder: Path, skipped: Counter, above: frozenset[tuple[int, int]
             elif entry.is_dir():
                 subfolders.append(Path(entry.path))
             elif entry.is_file():
+                if entry.is_symlink():
+                    target = os.stat(entry.path)
+                    if (target.st_dev, target.st_ino) in seen:
+                        skipped["file reached again by a link"] += 1
+                        continue
+                    seen.add((target.st_dev, target.st_ino))
                 yield Path(entry.path), depth
             elif entry.is_symlink():
                 skipped["broken link"] += 1
@@ -112,7 +148,7 @@ def _walk_files(folder: Path, skipped: Counter, above: frozenset[tuple[int, int]
         except OSError:
             skipped["not a regular file"] += 1
     for sub in subfolders:
-        yield from _walk_files(sub, skipped, above | {key}, depth + 1)
+        yield from _walk_files(sub, skipped, above | {key}, set(seen) if per_label and depth == 1 else seen, depth + 1)
 
 
 def _prepare(task: _Task) -> tuple[PreparedImage | None, str | None]:
@@ -123,14 +159,17 @@ def _prepare(task: _Task) -> tuple[PreparedImage | None, str | None]:
         return None, str(exc)
     except OSError as exc:
         return None, f"unreadable file ({exc.strerror or exc})"
-    source = SourceInfo(uri=task.path, engine="import")
+    source = SourceInfo(uri=source_uri(task.path), engine="import")
     return PreparedImage(facts, stored, task.label, source), None
 
 
 def import_folder(session: Session, store: ImageStore, root: Path, label: str | None = None,
                   workers: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                  progress: Progress | None = None) -> ImportResult:
-    """Import every image under root; commits every BATCH_SIZE files, so an interrupt loses one batch at most."""
+                  progress: Progress | None = None, budget: Budget = Budget()) -> ImportResult:
+    """Import every image under root; commits every BATCH_SIZE files, so an interrupt loses one batch at most.
+
+    Each file is read and decoded in isolation (see IsolatedPool): one that hangs, exhausts its budget
+    or crashes its worker is skipped with that reason and the import goes on."""
     if not root.exists():
         raise NotFoundError(f"folder {root} does not exist")
     if not root.is_dir():
@@ -139,10 +178,12 @@ def import_folder(session: Session, store: ImageStore, root: Path, label: str | 
     pairs, skipped = list_import_files(root.resolve(), label)
     result = ImportResult(files=len(pairs) + sum(skipped.values()), skipped=skipped)
     tasks = [_Task(str(path), lab, store, max_bytes) for path, lab in pairs]
-    workers = workers or os.cpu_count() or 1
+    workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
     batch: list[PreparedImage] = []
+    pool = IsolatedPool(workers, budget) if tasks else None
     try:
-        for done, (prepared, reason) in enumerate(map_in_workers(_prepare, tasks, workers), start=1):
+        prepared_files = pool.map(_prepare, tasks, key=_task_key, failed=_failed) if pool else []
+        for done, (prepared, reason) in enumerate(prepared_files, start=1):
             if prepared is None:
                 result.skipped[reason] += 1
             else:
@@ -154,14 +195,35 @@ def import_folder(session: Session, store: ImageStore, root: Path, label: str | 
                 progress(done, len(tasks))
         _commit(session, store, batch, result)
     except BaseException as exc:
-        # An interrupt or error: what was prepared but not committed leaves no file behind.
+        # An interrupt or error: what was prepared but not committed leaves no file behind (the workers
+        # stop first, so none writes after the sweep).
+        if pool is not None:
+            pool.close()
         session.rollback()
-        store.discard([item.stored for item in batch], is_recorded_in(session))
-        store.clear_stale_temp(is_recorded_in(session))
+        try:
+            store.discard([item.stored for item in batch], is_recorded_in(session))
+            store.clear_stale_temp(is_recorded_in(session))
+        except Exception:
+            # The catalog cannot be read (a full disk can make SQLite fail even to read): the temp
+            # twins stay, and the next command that opens the catalog clears them and their files.
+            log.warning("could not clear this import's unrecorded files now; the next fastclass command will",
+                        exc_info=log.isEnabledFor(logging.DEBUG))
         if isinstance(exc, StoreError):
             raise FastclassError(str(exc)) from exc
         raise
+    finally:
+        if pool is not None:
+            pool.close()
     return result
+
+
+def _task_key(task: _Task) -> str:
+    return task.path
+
+
+def _failed(task: _Task, reason: str) -> tuple[None, str]:
+    log.warning("skipped %s: %s", printable(source_uri(task.path)), reason)
+    return None, reason
 
 
 def _commit(session: Session, store: ImageStore, batch: list[PreparedImage], result: ImportResult) -> None:

@@ -138,15 +138,20 @@ def analyze_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFac
                 img.draft("L", HASH_DRAFT_SIZE)
                 hashes = compute_hashes(img.convert("L"))
         except Exception as exc:
-            decode_error = _decode_reason(exc)
+            decode_error = decode_reason(exc)
     return ImageFacts(sha, fmt, width, height, mode, len(data), hashes, decode_error)
 
 
-def _decode_reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if "truncated" in text.lower():
+def decode_reason(exc: BaseException) -> str:
+    """The reason recorded for bytes whose header reads but whose pixels do not decode (ingest and verify)."""
+    if isinstance(exc, MemoryError):
+        return "decoding needs more memory than the per-file limit"
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if "truncated" in text.lower() or "premature end" in text.lower():
         return "truncated image data"
-    return f"cannot decode: {text[:200]}"
+    if isinstance(exc, (OSError, SyntaxError)) and ("crc" in text.lower() or "broken" in text.lower()):
+        return f"corrupt image data ({text[:120]})"
+    return f"cannot decode ({type(exc).__name__}: {text[:120]})"
 
 
 def reason_kind(reason: str | None) -> str:

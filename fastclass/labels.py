@@ -14,9 +14,11 @@ from sqlalchemy.orm import Session
 from db.models import CrawlJob, Image, Label, LabelEvent, Review, Source, utcnow
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.lifecycle import LIVE, Actor, Conflict, move
+from fastclass.text import printable
 
 MAX_LABEL_LENGTH = 100
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]")
+MAX_LABEL_BYTES = 255  # a label becomes a folder name in exports; most file systems allow 255 bytes
+_UNSAFE = re.compile(r"[/\\:*?\"<>|]")
 
 
 def normalize_label(name: str) -> str:
@@ -25,12 +27,21 @@ def normalize_label(name: str) -> str:
     if not cleaned:
         raise FastclassError("a label cannot be empty")
     if len(cleaned) > MAX_LABEL_LENGTH:
-        raise FastclassError(f"label {cleaned[:20]!r}... is longer than {MAX_LABEL_LENGTH} characters")
+        raise FastclassError(f"label {printable(cleaned[:20])!r}... is longer than {MAX_LABEL_LENGTH} characters")
+    invisible = next((c for c in cleaned if not c.isprintable() and c != " "), None)
+    if invisible is not None:
+        # Control characters, bidirectional overrides, zero-width and other invisible characters make two
+        # labels look alike or rewrite a terminal; file names that are not UTF-8 arrive as surrogates.
+        raise FastclassError(f"label {printable(cleaned)!r} holds an invisible or control character "
+                             f"(U+{ord(invisible):04X}); use visible characters only")
     if _UNSAFE.search(cleaned) or cleaned in {".", ".."} or cleaned.startswith("."):
         raise FastclassError(
             f"label {cleaned!r} holds a character that cannot be part of a folder name "
             "(/ \\ : * ? \" < > | or a control character) or starts with a dot"
         )
+    if len(cleaned.encode("utf-8")) > MAX_LABEL_BYTES:
+        raise FastclassError(f"label {cleaned[:20]!r}... is longer than {MAX_LABEL_BYTES} bytes in UTF-8, "
+                             "too long for a folder name")
     return cleaned
 
 

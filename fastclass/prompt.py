@@ -24,6 +24,7 @@ from fastclass.preview import detect_protocol, load_for_preview, render
 from fastclass.labels import did_you_mean, label_exists, relabel_digits
 from fastclass.review import Decision, decide, image_card, reviewed_ids, undo
 from fastclass.store import ImageStore
+from fastclass.text import printable
 
 LEFT, RIGHT = ("\x1b[D", "\x1bOD"), ("\x1b[C", "\x1bOC")
 ENTER, ESC, TAB, BACKSPACE = ("\r", "\n"), "\x1b", "\t", ("\x7f", "\x08")
@@ -275,12 +276,6 @@ class CleanPrompt:
         if self.message:
             click.echo(self.message)
             self.message = ""
-
-
-def printable(text: str) -> str:
-    """Text from the web or a file name, made safe for a terminal: control characters (escape sequences
-    that retitle or recolour it), bidirectional overrides and other invisible characters shown as U+FFFD."""
-    return "".join(c if c.isprintable() else "\ufffd" for c in text)
 
 
 def _common_prefix(names: list[str]) -> str:

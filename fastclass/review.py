@@ -6,7 +6,6 @@ review row, so the history is complete and every decision can be undone.
 """
 from __future__ import annotations
 
-import csv
 import getpass
 import os
 import random
@@ -21,6 +20,7 @@ from db.models import Image, Label, Review, RunLoss, Source, TrainingRun, utcnow
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.labels import existing_label_id, label_exists, label_ids, normalize_label, unknown_label
 from fastclass.lifecycle import LIVE
+from fastclass.text import csv_records
 
 ACTIONS = ("keep", "delete", "relabel")
 STATUS_FILTERS = ("ok", "pending", "duplicate", "conflict", "rejected", "deleted")
@@ -77,7 +77,7 @@ DELETED_BY_REVIEW = "deleted by review"
 def revive_check(session: Session, store, image: Image) -> None:
     """Refuse to make an image ok unless its bytes are in the store and decode; the message says how to
     get a pruned file back. Called after the row is locked by its guarded update (see lifecycle)."""
-    from fastclass.verify import VerifyRules, check_image
+    from fastclass.verify import VerifyRules, check_isolated
 
     if not store.exists(image.store_path):
         uri = session.scalar(select(Source.uri).where(Source.image_id == image.id).order_by(Source.id).limit(1))
@@ -86,7 +86,7 @@ def revive_check(session: Session, store, image: Image) -> None:
             f"image {image.id}'s file is no longer in the image store (pruned){where}; get the same bytes back "
             "with `fastclass import FILE --label LABEL` or `fastclass crawl --urls FILE`, then keep it again")
     store.fetch([image.store_path])
-    status, reason, *_ = check_image(store.path(image.store_path), VerifyRules())
+    status, reason = check_isolated(store.path(image.store_path), VerifyRules())
     if status != "ok":
         raise FastclassError(f"image {image.id} cannot be kept: {reason}")
 
@@ -365,39 +365,40 @@ def apply_csv(session: Session, store, path: Path, reviewer: str | None = None,
     create_labels, a keep that cannot be) are reported with their line number and left out; the good rows
     are then applied together in one transaction (all of them or, on a failure, none).
     """
-    if not path.is_file():
-        raise NotFoundError(f"decisions file {path} does not exist")
     result = ApplyResult(errors=[])
     good: list[tuple[int, str, str | None]] = []
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh, skipinitialspace=True)
-        header = [h.strip().lower() for h in next(reader, [])]
-        if header[:2] != ["image", "action"]:
-            raise FastclassError(f"{path}: the first line must be the header `image,action,label`")
-        for record in reader:
-            line = reader.line_num
-            if not any(cell.strip() for cell in record):
-                continue
-            cells = [c.strip() for c in record] + ["", "", ""]
-            ref, action, label = cells[0], cells[1].lower(), cells[2] or None
-            try:
-                image = find_image(session, ref)
-                if action not in ACTIONS:
-                    raise FastclassError(f"unknown action {action!r} (keep, delete or relabel)")
-                if action == "relabel":
-                    if not label:
-                        raise FastclassError("relabel needs a label in the third column")
-                    label = normalize_label(label)
-                    if not create_labels and not label_exists(session, label):
-                        raise unknown_label(session, label, "add --create-labels to create new labels")
-                if action == "keep" and keep_refusal(image):
-                    raise FastclassError(keep_refusal(image))
-                if action == "keep" and image.status in ("duplicate", "deleted"):
-                    revive_check(session, store, image)
-            except FastclassError as exc:
-                result.errors.append(f"{path}:{line}: {exc}")
-                continue
-            good.append((image.id, action, label))
+    header: list[str] = []
+    for line, record, problem in csv_records(path, "decisions file"):
+        if problem is not None:
+            if not header:
+                raise FastclassError(f"{path}:{line}: {problem}")
+            result.errors.append(f"{path}:{line}: {problem}")
+            continue
+        if not header:
+            header = [h.strip().lower() for h in record]
+            if header[:2] != ["image", "action"]:
+                raise FastclassError(f"{path}: the first line must be the header `image,action,label`")
+            continue
+        cells = [c.strip() for c in record] + ["", "", ""]
+        ref, action, label = cells[0], cells[1].lower(), cells[2] or None
+        try:
+            image = find_image(session, ref)
+            if action not in ACTIONS:
+                raise FastclassError(f"unknown action {action!r} (keep, delete or relabel)")
+            if action == "relabel":
+                if not label:
+                    raise FastclassError("relabel needs a label in the third column")
+                label = normalize_label(label)
+                if not create_labels and not label_exists(session, label):
+                    raise unknown_label(session, label, "add --create-labels to create new labels")
+            if action == "keep" and keep_refusal(image):
+                raise FastclassError(keep_refusal(image))
+            if action == "keep" and image.status in ("duplicate", "deleted"):
+                revive_check(session, store, image)
+        except FastclassError as exc:
+            result.errors.append(f"{path}:{line}: {exc}")
+            continue
+        good.append((image.id, action, label))
     who = reviewer or reviewer_name()
     try:
         for image_id, action, label in good:

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from fastclass.errors import FastclassError
+
 log = logging.getLogger(__name__)
 
 TEMP_DIR = ".tmp"
 
 
-class StoreError(Exception):
+class StoreError(FastclassError):
     """The store folder cannot be used; the message says why."""
 
 
@@ -57,6 +59,14 @@ def _place(move: Callable[[Path, Path], None], src: Path, dst: Path) -> None:
     except FileNotFoundError:
         dst.parent.mkdir(parents=True, exist_ok=True)
         move(src, dst)
+
+
+def write_failure(what: str, exc: OSError) -> str:
+    """The message for a failed write: a full disk is named as such, with what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"cannot write to {what}: the disk is full ({exc.strerror}); free some space and re-run "
+                "(what was committed is kept, nothing half-written is)")
+    return f"cannot write to {what}: {exc.strerror or exc}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -108,7 +118,8 @@ class ImageStore:
 
     def check(self) -> None:
         if not self.root.is_dir():
-            raise StoreError(f"image store {self.root} is missing; run `fastclass init` or restore the folder")
+            raise StoreError(f"image store {self.root} is missing; restore the folder, or if it moved, point the "
+                             "catalog at it with `fastclass init --store NEW_PATH`")
 
     def path(self, relpath: str) -> Path:
         return self.root / relpath
@@ -139,7 +150,7 @@ class ImageStore:
                 self._place_by_copy(temp, final, data)
         except OSError as exc:
             temp.unlink(missing_ok=True)
-            raise StoreError(f"cannot write to image store {self.root}: {exc.strerror or exc}") from exc
+            raise StoreError(write_failure(f"image store {self.root}", exc)) from exc
         return StoredFile(sha256, rel, temp)
 
     def _place_by_copy(self, temp: Path, final: Path, data: bytes) -> None:
@@ -162,10 +173,14 @@ class ImageStore:
                     pass
 
     def discard(self, files: Iterable[StoredFile], is_recorded: Callable[[str], bool]) -> None:
-        """Undo puts whose rows were not committed (rollback, interrupt): remove unclaimed final files."""
+        """Undo puts whose rows were not committed (rollback, interrupt): remove unclaimed final files.
+
+        The catalog is asked first: if it cannot answer, the temp twins stay (and the error propagates),
+        so the next open's clear_stale_temp still finds and clears these files."""
         files = list(files)
+        recorded = {f.sha256 for f in files if is_recorded(f.sha256)}
         self.release(files)
-        self._remove_orphans({f.sha256 for f in files}, is_recorded)
+        self._remove_orphans({f.sha256 for f in files} - recorded, lambda sha: False)
 
     def clear_stale_temp(self, is_recorded: Callable[[str], bool]) -> int:
         """Remove what crashed writers on this host left behind; returns the number of temp files cleared."""
@@ -268,7 +283,8 @@ class S3ImageStore:
         except Exception as exc:
             raise self._fail("reach", exc) from exc
         if not found:
-            raise StoreError(f"image store {self.root} is missing; run `fastclass init` or restore it")
+            raise StoreError(f"image store {self.root} is missing; restore it, or if it moved, point the catalog "
+                             "at it with `fastclass init --store NEW_URL`")
 
     def path(self, relpath: str) -> Path:
         """A local file with the object's bytes (downloaded into the cache once); for a missing object, a

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from operator import itemgetter
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,11 @@ from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
 from fastclass.errors import FastclassError
-from fastclass.ingest import reason_kind
+from fastclass.ingest import decode_reason, reason_kind
 from fastclass.labels import existing_label_id
 from fastclass.lifecycle import Actor, Status, move, move_each, take_write_lock
 from fastclass.store import ImageStore
-from fastclass.workers import map_in_workers
+from fastclass.workers import Budget, IsolatedPool
 
 BATCH_SIZE = 500
 EXIF_ORIENTATION = 0x0112
@@ -79,37 +80,51 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def check_image(path: Path, rules: VerifyRules) -> tuple[str, str | None, int | None, int | None, str | None]:
-    """(status, reason, width, height, mode) for one stored file; never raises for a bad image."""
+    """(status, reason, width, height, mode) for one stored file; never raises for a bad image.
+
+    Run it in an IsolatedPool for untrusted files: a decoder that hangs, exhausts memory or crashes its
+    process is caught there, everything a decoder raises is caught here.
+    """
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
         return "rejected", "file missing from the image store", None, None, None
+    except OSError as exc:
+        return "rejected", f"unreadable file ({exc.strerror or exc})", None, None, None
+    facts: list = [None, None, None]
     with fh, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            img = Image.open(fh)
-        except Exception as exc:
-            return "rejected", f"not an image ({type(exc).__name__})", None, None, None
-        width, height = img.size
-        mode = img.mode
-        if width * height > rules.max_pixels:
-            return ("rejected", f"decompression bomb ({width}x{height} pixels is over the limit of "
-                    f"{rules.max_pixels})", width, height, mode)
-        frames = getattr(img, "n_frames", 1)
-        if frames > 1 and rules.animated == "reject":
-            return "rejected", f"animated ({frames} frames)", width, height, mode
-        try:
-            if img.format == "JPEG":
-                # A reduced-size decode still decodes every entropy-coded block, so truncation and corrupt
-                # data are caught, at a fraction of the cost of a full-size IDCT.
-                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
-            img.load()
-        except Exception as exc:
-            return "rejected", _decode_reason(exc), width, height, mode
-        try:
-            orientation = img.getexif().get(EXIF_ORIENTATION)
-        except Exception:
-            orientation = None
+            return _check_open(fh, rules, facts)
+        except Exception as exc:  # fuzzed files make Pillow raise anything (TypeError, SyntaxError, ...)
+            return "rejected", decode_reason(exc), *facts
+
+
+def _check_open(fh, rules: VerifyRules, facts: list) -> tuple[str, str | None, int | None, int | None, str | None]:
+    try:
+        img = Image.open(fh)
+    except Exception as exc:
+        return "rejected", f"not an image ({type(exc).__name__})", None, None, None
+    width, height = img.size
+    mode = img.mode
+    facts[:] = [width, height, mode]
+    if width <= 0 or height <= 0:
+        return "rejected", f"not an image (its header says {width}x{height})", None, None, mode
+    if width * height > rules.max_pixels:
+        return ("rejected", f"decompression bomb ({width}x{height} pixels is over the limit of "
+                f"{rules.max_pixels})", width, height, mode)
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1 and rules.animated == "reject":
+        return "rejected", f"animated ({frames} frames)", width, height, mode
+    if img.format == "JPEG":
+        # A reduced-size decode still decodes every entropy-coded block, so truncation and corrupt
+        # data are caught, at a fraction of the cost of a full-size IDCT.
+        img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+    img.load()
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION)
+    except Exception:
+        orientation = None
     if orientation in SWAPPED_ORIENTATIONS:
         width, height = height, width
     if width < rules.min_width or height < rules.min_height:
@@ -120,15 +135,6 @@ def check_image(path: Path, rules: VerifyRules) -> tuple[str, str | None, int | 
     return "ok", None, width, height, mode
 
 
-def _decode_reason(exc: Exception) -> str:
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if "truncated" in text.lower() or "premature end" in text.lower():
-        return "truncated image data"
-    if isinstance(exc, (OSError, SyntaxError)) and ("crc" in text.lower() or "broken" in text.lower()):
-        return f"corrupt image data ({text[:120]})"
-    return f"cannot decode ({type(exc).__name__}: {text[:120]})"
-
-
 def _check_task(task: tuple[int, str, str, VerifyRules]) -> Verdict:
     image_id, expect, path, rules = task
     status, reason, width, height, mode = check_image(Path(path), rules)
@@ -136,11 +142,13 @@ def _check_task(task: tuple[int, str, str, VerifyRules]) -> Verdict:
 
 
 def verify_images(session: Session, store: ImageStore, rules: VerifyRules = VerifyRules(), label: str | None = None,
-                  recheck: bool = False, workers: int | None = None, progress: Progress | None = None) -> VerifyResult:
+                  recheck: bool = False, workers: int | None = None, progress: Progress | None = None,
+                  budget: Budget = Budget()) -> VerifyResult:
     """Check pending images (every not-deleted one with recheck); commits every BATCH_SIZE verdicts.
 
     A verdict is written only if the image is still in the status it had when it was read, so a
-    decision or a dedup made while verify runs is never reverted.
+    decision or a dedup made while verify runs is never reverted. Each file is decoded in isolation
+    (see IsolatedPool): one that hangs, exhausts the budget or crashes its worker is rejected alone.
     """
     query = select(ImageRow.id, ImageRow.status, ImageRow.store_path)
     query = query.where(ImageRow.status.in_(["pending", "ok", "rejected"]) if recheck else ImageRow.status == "pending")
@@ -153,21 +161,43 @@ def verify_images(session: Session, store: ImageStore, rules: VerifyRules = Veri
     store.fetch(rel for _, _, rel in rows)
     tasks = [(image_id, status, str(store.path(rel)), rules) for image_id, status, rel in rows]
     result = VerifyResult()
+    if not tasks:
+        return result
     batch: list[Verdict] = []
-    for done, verdict in enumerate(map_in_workers(_check_task, tasks, workers or os.cpu_count() or 1, chunksize=16), start=1):
-        batch.append(verdict)
-        result.checked += 1
-        if verdict.status == "ok":
-            result.ok += 1
-        else:
-            result.rejected[reason_kind(verdict.reason)] += 1
-        if len(batch) >= BATCH_SIZE:
-            result.changed_meanwhile += _save(session, batch)
-            batch = []
-        if progress:
-            progress(done, len(tasks))
+    pool = IsolatedPool(min(workers or os.cpu_count() or 1, max(1, len(tasks))), budget)
+    try:
+        verdicts = pool.map(_check_task, tasks, key=itemgetter(2), failed=_failed_check)
+        for done, verdict in enumerate(verdicts, start=1):
+            _count(result, verdict)
+            batch.append(verdict)
+            if len(batch) >= BATCH_SIZE:
+                result.changed_meanwhile += _save(session, batch)
+                batch = []
+            if progress:
+                progress(done, len(tasks))
+    finally:
+        pool.close()
     result.changed_meanwhile += _save(session, batch)
     return result
+
+
+def check_isolated(path: Path, rules: VerifyRules, budget: Budget = Budget()) -> tuple[str, str | None]:
+    """(status, reason) of one file, decoded in a worker of its own (a keep checks the bytes this way)."""
+    with IsolatedPool(1, budget) as pool:
+        verdict, failure = pool.outcome(pool.submit(_check_task, (0, "", str(path), rules), str(path)))
+    return ("rejected", failure) if failure else (verdict.status, verdict.reason)
+
+
+def _failed_check(task: tuple[int, str, str, VerifyRules], reason: str) -> Verdict:
+    return Verdict(task[0], task[1], "rejected", reason)
+
+
+def _count(result: VerifyResult, verdict: Verdict) -> None:
+    result.checked += 1
+    if verdict.status == "ok":
+        result.ok += 1
+    else:
+        result.rejected[reason_kind(verdict.reason)] += 1
 
 
 def _save(session: Session, verdicts: Sequence[Verdict]) -> int:

@@ -55,14 +55,14 @@ def test_each_engine_format_yields_its_images(initialized_catalog, site, tmp_pat
 
     urls = tmp_path / "urls.txt"
     urls.write_text("# my list\n\n" + "\n".join(jpegs(site, range(6, 9))) + "\nftp://nope/x.jpg\n")
-    listed = json.loads(run_cli(["crawl", "--urls", str(urls), "--label", "listed", "--json"], initialized_catalog).stdout)
+    listed = json.loads(run_cli(["crawl", "--urls", str(urls), "--label", "listed", "--allow-private", "--json"], initialized_catalog).stdout)
     assert listed["new_images"] == 3 and listed["engines"]["urls"]["found"] == 3
 
     site.pages["gallery"] = ('<html><body><img src="/img/9.jpg"><a href="/page/more">more</a>'
                              f'<img src="{site.url("/img/10.jpg")}"></body></html>')
     site.pages["more"] = '<html><body><a href="/img/11.jpg">big</a></body></html>'
     jpegs(site, range(9, 12))
-    greedy = run_cli(["crawl", "--url", site.url("/page/gallery"), "--label", "greedy", "--json"], initialized_catalog)
+    greedy = run_cli(["crawl", "--url", site.url("/page/gallery"), "--label", "greedy", "--allow-private", "--json"], initialized_catalog)
     assert json.loads(greedy.stdout)["new_images"] == 3, greedy.stdout
 
 

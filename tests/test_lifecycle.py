@@ -160,9 +160,9 @@ def test_a_crawl_of_known_bytes_for_another_class_records_the_claim(initialized_
     try:
         urls = tmp_path / "urls.txt"
         urls.write_text("".join(site.add_image(f"{n}.png", photo_like(30 + n), "image/png") + "\n" for n in range(2)))
-        cats = run_cli(["crawl", "--urls", str(urls), "--label", "cats"], initialized_catalog)
+        cats = run_cli(["crawl", "--urls", str(urls), "--label", "cats", "--allow-private"], initialized_catalog)
         assert cats.exit_code == 0 and "already in the catalog under another label" not in cats.stdout
-        dogs = run_cli(["crawl", "--urls", str(urls), "--label", "dogs"], initialized_catalog)
+        dogs = run_cli(["crawl", "--urls", str(urls), "--label", "dogs", "--allow-private"], initialized_catalog)
     finally:
         site.close()
     assert "2 image(s) were already in the catalog under another label" in dogs.stdout

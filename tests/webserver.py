@@ -2,6 +2,9 @@
 image bytes, and the misbehaving URLs the crawler must survive. Counts every request by path."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import gzip
 import html
 import json
 import threading
@@ -9,6 +12,12 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+
+@functools.lru_cache(maxsize=1)
+def gzip_bomb() -> bytes:
+    """About 500 KB that inflate to 512 MB."""
+    return gzip.compress(bytes(512 * 1024 * 1024), compresslevel=9)
 
 
 class EngineSite:
@@ -24,6 +33,9 @@ class EngineSite:
         self.slow_seconds = 3.0
         self.lock = threading.Lock()
         self.broken_markup = False
+        self.drip_seconds = 0.2
+        self.redirect_to = "http://169.254.169.254/latest/meta-data/"
+        self.closing = threading.Event()
         self.engine_refusal: int | None = None
         site = self
 
@@ -60,6 +72,7 @@ class EngineSite:
         return self.url(f"/img/{name}")
 
     def close(self) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -113,6 +126,8 @@ class EngineSite:
             h.send_header("Content-Length", "0")
             h.end_headers()
             return None
+        if path.startswith("/hostile/"):
+            return self.hostile(h, path[len("/hostile/"):])
         if path.startswith("/special/busy/"):
             if count == 1:
                 h.send_response(429)
@@ -122,6 +137,48 @@ class EngineSite:
                 return None
             data = self.images[path[len("/special/busy/"):]]
             return self.send(h, 200, data[0], data[1])
+        return self.send(h, 404, b"unknown", "text/plain")
+
+    def hostile(self, h: BaseHTTPRequestHandler, name: str) -> None:
+        """Responses meant to exhaust a client: a gzip bomb, an endless chunked body, a byte-a-moment drip,
+        and a redirect to an address the client must refuse."""
+        if name.startswith("gzip-bomb"):
+            h.send_response(200)
+            h.send_header("Content-Type", "text/html" if name.endswith("page") else "image/jpeg")
+            h.send_header("Content-Encoding", "gzip")
+            h.send_header("Content-Length", str(len(gzip_bomb())))
+            h.end_headers()
+            h.wfile.write(gzip_bomb())
+            return None
+        if name.startswith("endless"):
+            h.protocol_version = "HTTP/1.1"
+            h.send_response(200)
+            h.send_header("Content-Type", "text/html" if name.endswith("page") else "image/jpeg")
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            chunk = b"<p>" + b"x" * 65530 + b"</p>"
+            with contextlib.suppress(OSError):
+                while not self.closing.is_set():
+                    h.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            return None
+        if name.startswith("drip"):
+            h.send_response(200)
+            h.send_header("Content-Type", "text/html" if name.endswith("page") else "image/jpeg")
+            h.send_header("Content-Length", "1000000")
+            h.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(600):
+                    if self.closing.wait(self.drip_seconds):
+                        break
+                    h.wfile.write(b"\xff")
+                    h.wfile.flush()
+            return None
+        if name.startswith("redirect"):
+            h.send_response(302)
+            h.send_header("Location", self.redirect_to)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return None
         return self.send(h, 404, b"unknown", "text/plain")
 
     @staticmethod
