@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from db import CatalogError, SchemaState, check_schema, open_engine, session_scope, upgrade_to_head
 from db.engine import display_url
-from db.models import Setting
+from db.models import Image, Setting
 from fastclass.errors import FastclassError
 from fastclass.ingest import is_recorded_in
 from fastclass.store import ImageStore, S3ImageStore, StoreError, open_store
@@ -108,17 +108,24 @@ def init_catalog(location: str, store: str | None = None) -> InitResult:
             upgrade_to_head(engine)
         with session_scope(engine) as session:
             configured = session.get(Setting, STORE_SETTING)
+            images = session.scalar(select(func.count()).select_from(Image))
             if configured is None:
                 root = _store_setting(location, store or DEFAULT_STORE)
                 session.add(Setting(key=STORE_SETTING, value=root))
-            elif store and _resolve_store(location, _store_setting(location, store)) != _resolve_store(location, configured.value):
+            else:
+                root = configured.value
+                if store and _resolve_store(location, _store_setting(location, store)) != _resolve_store(location, root):
+                    root = _move_store(location, configured, store, images)
+            store_path = _resolve_store(location, root)
+            target = open_store(str(store_path))
+            if images and not _store_exists(target):
+                # Creating an empty store here would make every image's file "missing": verify --recheck
+                # would reject them all and prune would delete the real files once the store came back.
                 raise FastclassError(
-                    f"catalog {_shown(location)} already uses the image store {configured.value}; "
-                    "moving a store is not supported by init"
-                )
-            root = configured.value if configured else root
-        store_path = _resolve_store(location, root)
-        open_store(str(store_path)).create()
+                    f"catalog {_shown(location)} holds {images} image(s) but its image store {store_path} is "
+                    "missing; restore the folder, or if it moved, point the catalog at it with "
+                    "`fastclass init --store NEW_PATH`")
+        target.create()
     except StoreError as exc:
         raise FastclassError(str(exc)) from exc
     except SQLAlchemyError as exc:
@@ -127,6 +134,28 @@ def init_catalog(location: str, store: str | None = None) -> InitResult:
         engine.dispose()
     return InitResult(location, store_path, created=state is SchemaState.EMPTY,
                       upgraded=state is SchemaState.OUTDATED)
+
+
+def _store_exists(store: ImageStore | S3ImageStore) -> bool:
+    try:
+        store.check()
+    except StoreError:
+        return False
+    return True
+
+
+def _move_store(location: str, configured: Setting, store: str, images: int) -> str:
+    """Point the catalog at its store's new place (`init --store NEW`), when that is what happened: the
+    old place is gone and the new one is a store. Anything else is refused, never half-done."""
+    new = _store_setting(location, store)
+    if _store_exists(open_store(str(_resolve_store(location, configured.value)))):
+        raise FastclassError(
+            f"catalog {_shown(location)} already uses the image store {configured.value}, which is still there; "
+            "moving a store is not done by init (move the folder, then run `fastclass init --store NEW_PATH`)")
+    if images and not _store_exists(open_store(str(_resolve_store(location, new)))):
+        raise FastclassError(f"{store} is not an image store (no such folder); give the folder the store moved to")
+    configured.value = new
+    return new
 
 
 def _store_setting(location: str, store: str) -> str:

@@ -89,11 +89,22 @@ def cli(ctx: click.Context, catalog: str | None, verbose: bool, quiet: bool) -> 
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     # Libraries (alembic, PIL, urllib3) speak only at WARNING; -v opens our own packages to DEBUG.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(PrintableFormatter("%(message)s"))
     for name in ("fastclass", "trainer", "db"):
         logging.getLogger(name).setLevel(level)
     # fastai decorates functions with torch.jit.script at import; the deprecation is not the user's to act on.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     ctx.obj = Options(catalog, verbose, quiet)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines carry URLs and names from the web: escape sequences in them must not reach the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from fastclass.text import printable
+
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
 
 
 pass_options = click.make_pass_decorator(Options)
@@ -133,9 +144,11 @@ class FiniteFloat(click.FloatRange):
 
 
 FINITE_AT_LEAST_ONE = FiniteFloat(1.0)
+# Numbers that reach the catalog fit its 64-bit signed integers (a larger one made "unexpected OverflowError").
 ROW_ID = click.IntRange(1, 2**63 - 1)
-"""An id or seed the catalog can store (a 64-bit signed integer)."""
 SEED = click.IntRange(0, 2**63 - 1)
+COUNT = click.IntRange(1, 2**63 - 1)
+COUNT_OR_ZERO = click.IntRange(0, 2**63 - 1)
 
 
 def budget_options(command: Callable) -> Callable:
@@ -349,8 +362,8 @@ def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str 
 @cli.command()
 @click.option("--valid-pct", type=float, metavar="FRACTION",
               help="Share of each label's images in valid [default: the current split's, else 0.2].")
-@click.option("--seed", type=int, help="Seed of the assignment [default: the current split's, else 42].")
-@click.option("--min-valid", type=click.IntRange(0), help="At least this many valid images per label that can spare "
+@click.option("--seed", type=SEED, help="Seed of the assignment [default: the current split's, else 42].")
+@click.option("--min-valid", type=COUNT_OR_ZERO, help="At least this many valid images per label that can spare "
               "them [default: the current split's, else 1].")
 @click.option("--new", "new_split", is_flag=True, help="Start a new split with these settings instead of "
               "extending the current one (old assignments are kept for the snapshots made with them).")
@@ -412,7 +425,7 @@ def _echo_snapshot(info) -> None:
 @snapshot.command("create")
 @click.argument("name")
 @click.option("--label", "labels", multiple=True, metavar="NAME", help="Only this label (repeatable).")
-@click.option("--min-per-label", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--min-per-label", type=COUNT_OR_ZERO, default=0, show_default=True,
               help="Leave out labels with fewer ok images.")
 @click.option("--note", metavar="TEXT", help="A note kept with the snapshot.")
 @click.option("--allow-conflicts", is_flag=True, help="Leave out images with open label conflicts instead of refusing.")
@@ -558,7 +571,7 @@ def _parse_bytes(text: str) -> int:
 @click.option("--engine", "engines", multiple=True, metavar="NAME",
               help="bing, baidu, google, flickr, greedy or urls (repeatable) [default: bing, baidu, google; "
                    "greedy with --url, urls with --urls].")
-@click.option("--max", "max_new", type=click.IntRange(1), default=100, show_default=True,
+@click.option("--max", "max_new", type=COUNT, default=100, show_default=True,
               help="Stop when the class has this many new images from this run.")
 @click.option("--min-size", metavar="WxH", help="Skip images smaller than this (not stored).")
 @click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True, help="Parallel downloads.")
@@ -672,6 +685,8 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
 
 
 def _echo_crawl(report, max_new: int) -> None:
+    from fastclass.text import printable
+
     query = f" ({report.query!r})" if report.query else ""
     click.echo(f"Crawl job {report.job_id} {report.status}: {report.label}{query}: "
                f"{report.new_images} new of --max {max_new}, {report.exact_duplicates} already known, "
@@ -685,18 +700,19 @@ def _echo_crawl(report, max_new: int) -> None:
         click.echo(f"  {name:8s} {stats.found:6d} {stats.skipped:8d} {stats.downloaded:8d} {stats.new:5d} "
                    f"{stats.duplicates:6d} {stats.failed:7d}")
     for reason, count in (report.rejected + report.failed).most_common():
-        click.echo(f"  {count:6d}  {reason}")
+        click.echo(printable(f"  {count:6d}  {reason}"))
     for problem in report.problems:
-        click.echo(f"Warning: {problem}", err=True)
+        click.echo(printable(f"Warning: {problem}"), err=True)
 
 
 @cli.command()
-@click.option("--limit", type=click.IntRange(1), help="Only the newest N jobs.")
+@click.option("--limit", type=COUNT, help="Only the newest N jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
 @pass_options
 def jobs(opts: Options, limit: int | None, as_json: bool) -> None:
     """Crawl jobs, newest first: query, label, status and counts."""
     from fastclass.crawl import list_jobs
+    from fastclass.text import printable
 
     with opts.session() as (_, session):
         rows = list_jobs(session, limit)
@@ -710,7 +726,7 @@ def jobs(opts: Options, limit: int | None, as_json: bool) -> None:
         click.echo(f"{row['id']:5d} {row['status']:11s} {str(row['label'])[:24]:24s} new {row['new']:5d}/"
                    f"{row['max'] or '?'}  found {row['found']:5d}  dupes {row['exact_duplicates']:4d}  "
                    f"rejected {row['rejected']:4d}  [{row['engines']}] {row['started_at']:%Y-%m-%d %H:%M}{worker}"
-                   + (f"\n      last error: {row['last_error']}" if row['last_error'] else ""))
+                   + (f"\n      last error: {printable(row['last_error'])}" if row['last_error'] else ""))
 
 
 @cli.command()
@@ -802,7 +818,7 @@ def clean(opts: Options, label: str | None, status: str, order: str, run: str | 
 
 @cli.command()
 @click.option("--image", "image_ref", metavar="ID|SHA", help="Only the reviews of this image.")
-@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--limit", type=COUNT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the reviews as JSON.")
 @pass_options
 def reviews(opts: Options, image_ref: str | None, limit: int, as_json: bool) -> None:
@@ -824,7 +840,7 @@ def reviews(opts: Options, image_ref: str | None, limit: int, as_json: bool) -> 
 
 
 @cli.command("undo")
-@click.argument("review_id", type=int)
+@click.argument("review_id", type=ROW_ID)
 @pass_options
 def undo_(opts: Options, review_id: int) -> None:
     """Undo one review decision (recorded as a new review; nothing is erased)."""
@@ -905,7 +921,7 @@ def label_delete(opts: Options, name: str, force: bool) -> None:
 
 
 @label.command("history")
-@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--limit", type=COUNT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
 @pass_options
 def label_history_(opts: Options, limit: int, as_json: bool) -> None:
@@ -1080,8 +1096,8 @@ def _epoch_line(row) -> str:
               help="Start from ImageNet weights (downloaded once into torch's cache) or from random ones.")
 @click.option("--weights", "weights_file", type=click.Path(path_type=Path), metavar="FILE",
               help="Start from a local state_dict or checkpoint of --arch (for machines without network).")
-@click.option("--epochs", type=click.IntRange(0), default=4, show_default=True, help="Epochs with the whole network.")
-@click.option("--freeze-epochs", type=click.IntRange(0), default=1, show_default=True,
+@click.option("--epochs", type=click.IntRange(0, 100_000), default=4, show_default=True, help="Epochs with the whole network.")
+@click.option("--freeze-epochs", type=click.IntRange(0, 100_000), default=1, show_default=True,
               help="First epochs training only the new head.")
 @click.option("--lr", "lr_text", default="2e-3", show_default=True, metavar="LR|auto",
               help="Peak learning rate, or auto for lr_find's suggestion.")
@@ -1097,7 +1113,7 @@ def _epoch_line(row) -> str:
 @click.option("--workers", type=click.IntRange(0, 256), envvar="FASTCLASS_WORKERS",
               help="Data loading processes [env FASTCLASS_WORKERS; default: cores up to 16 on a GPU, 0 on the CPU].")
 @click.option("--tta", is_flag=True, help="Also report test-time-augmentation accuracy on valid at the end.")
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--seed", type=SEED, default=42, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               envvar="FASTCLASS_DEVICE", help="Where to train [env FASTCLASS_DEVICE].")
 @click.option("--cache/--no-cache", default=None,
@@ -1184,7 +1200,7 @@ def _launch_processes(ctx: click.Context, opts: Options, nproc: int) -> None:
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--limit", type=click.IntRange(1), help="Only the newest N runs.")
+@click.option("--limit", type=COUNT, help="Only the newest N runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
 @click.pass_context
 def runs(ctx: click.Context, limit: int | None, as_json: bool) -> None:
@@ -1288,18 +1304,21 @@ def interpret(opts: Options, run_id: str, out_dir: Path | None, top: int, device
 @pass_options
 def predict(opts: Options, run_ref: str, images: tuple[Path, ...], tta: bool, top_k: int, device: str,
             as_json: bool) -> None:
-    """Class and probability per image. RUN is a run id of the catalog, or a run folder (or its export.pkl),
-    which needs no catalog."""
+    """Class and probability per image. RUN is a run id of the catalog, or the path of a run folder (or its
+    export.pkl; write ./1 for a folder named 1), which needs no catalog."""
     from trainer.predict import predict_images
 
-    run_path = Path(run_ref)
-    if not run_path.exists():
-        if not run_ref.isdigit():
-            raise click.BadParameter(f"{run_ref!r} is neither a run id nor a run folder", param_hint="RUN")
+    if run_ref.isdigit():
+        # A run id, always: a folder that happens to be named like one (class folders 0-9) must not decide
+        # which pickle runs. Give a folder as a path (./1) to use it.
         from trainer.runs import get_run
 
         with opts.session() as (_, session):
             run_path = Path(get_run(session, run_ref).artifact_dir)
+    else:
+        run_path = Path(run_ref)
+        if not run_path.exists():
+            raise click.BadParameter(f"{run_ref!r} is neither a run id nor a run folder", param_hint="RUN")
     results = predict_images(run_path, list(images), tta, device, top_k)
     failed = [r for r in results if r.error]
     if as_json:

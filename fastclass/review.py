@@ -20,7 +20,7 @@ from db.models import Image, Label, Review, RunLoss, Source, TrainingRun, utcnow
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.labels import existing_label_id, label_exists, label_ids, normalize_label, unknown_label
 from fastclass.lifecycle import LIVE
-from fastclass.text import csv_records
+from fastclass.text import csv_records, parse_id
 
 ACTIONS = ("keep", "delete", "relabel")
 STATUS_FILTERS = ("ok", "pending", "duplicate", "conflict", "rejected", "deleted")
@@ -54,7 +54,7 @@ def find_image(session: Session, ref: str) -> Image:
     """An image by id, full sha256, or a unique sha256 prefix of at least 6 hex digits."""
     ref = ref.strip()
     if ref.isdigit():
-        image = session.get(Image, int(ref))
+        image = session.get(Image, parse_id(ref)) if parse_id(ref) is not None else None
         if image is None:
             raise NotFoundError(f"no image with id {ref} in the catalog")
         return image
@@ -283,7 +283,7 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
 def run_with_losses(session: Session, run: str) -> int:
     """The id of a training run that `interpret` has given per-image losses."""
     text = str(run).strip()
-    found = session.get(TrainingRun, int(text)) if text.isdigit() else None
+    found = session.get(TrainingRun, parse_id(text)) if parse_id(text) is not None else None
     if found is None:
         raise NotFoundError(f"no training run {text!r} in the catalog (see `fastclass runs`)")
     if session.scalar(select(RunLoss.image_id).where(RunLoss.run_id == found.id).limit(1)) is None:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from db.models import Image, Label, Snapshot, SnapshotItem, SplitAssignment, TrainingRun, utcnow
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.split import current_split, left_out
-from fastclass.store import ImageStore
+from fastclass.store import ImageStore, pid_alive
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 EXPORT_FORMATS = ("imagefolder", "csv")
@@ -329,6 +329,7 @@ def export_snapshot(session: Session, store: ImageStore, name: str, directory: P
         raise FastclassError(f"{len(missing)} file(s) of snapshot {name!r} are missing from the store "
                              f"{store.root} (first: {missing[0]}); restore the store")
     store.fetch(item.store_path for item in items)
+    sweep_partial_exports(directory.parent)
     partial = directory.parent / f".{directory.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     result = ExportResult(name, directory, fmt)
@@ -363,6 +364,25 @@ def export_snapshot(session: Session, store: ImageStore, name: str, directory: P
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return result
+
+
+_PARTIAL = re.compile(r"^\..+\.partial-(\d+)$")
+
+
+def sweep_partial_exports(folder: Path) -> int:
+    """Remove the hidden half-built trees (`.NAME.partial-PID`) that killed exports left in folder; a tree
+    whose process still runs is another export in progress and stays. Returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        match = _PARTIAL.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 FICLONE = 0x40049409  # Linux ioctl: share the source's blocks copy-on-write (btrfs, XFS, bcachefs)

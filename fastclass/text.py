@@ -15,6 +15,15 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else "\ufffd" for c in text)
 
 
+def parse_id(text: str) -> int | None:
+    """A catalog id typed by a user ("42"), or None for text that is not one (too large for the catalog's
+    64-bit integers included)."""
+    text = text.strip()
+    if not text.isascii() or not text.isdigit() or int(text) >= 2**63:
+        return None
+    return int(text)
+
+
 MAX_TEXT_BYTES = 10 * 1024 * 1024
 
 

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from db.engine import display_url
 from fastclass.cli import cli
-from tests.conftest import run_cli
+from tests.conftest import photo_like, run_cli
 
 
 def test_init_then_stats_on_an_empty_catalog(tmp_path):
@@ -65,12 +66,24 @@ def test_file_that_is_not_a_catalog(tmp_path):
         1, f"Error: cannot open catalog sqlite:///{tmp_path}/junk.db: file is not a database\n")
 
 
-def test_missing_image_store(initialized_catalog, tmp_path):
-    (tmp_path / "images" / ".tmp").rmdir()
-    (tmp_path / "images").rmdir()
-    result = run_cli(["stats"], initialized_catalog)
-    assert result.stderr == (f"Error: image store {tmp_path}/images is missing; "
-                             "run `fastclass init` or restore the folder\n")
+def test_missing_image_store_is_never_replaced_by_an_empty_one(initialized_catalog, tmp_path):
+    (tmp_path / "in" / "cats").mkdir(parents=True)
+    (tmp_path / "in" / "cats" / "a.png").write_bytes(photo_like(1))
+    assert run_cli(["import", str(tmp_path / "in")], initialized_catalog).exit_code == 0
+    (tmp_path / "images").rename(tmp_path / "moved")
+    hint = "restore the folder, or if it moved, point the catalog at it with `fastclass init --store NEW_PATH`"
+    assert run_cli(["stats"], initialized_catalog).stderr == f"Error: image store {tmp_path}/images is missing; {hint}\n"
+    # Before: init made an empty store here, and verify --recheck --prune then lost the dataset.
+    refused = run_cli(["init"], initialized_catalog)
+    shown = initialized_catalog if "://" not in initialized_catalog else display_url(initialized_catalog)
+    assert refused.stderr == (f"Error: catalog {shown} holds 1 image(s) "
+                              f"but its image store {tmp_path}/images is missing; {hint}\n")
+    assert not (tmp_path / "images").exists()
+    assert "is not an image store" in run_cli(["init", "--store", str(tmp_path / "nowhere")], initialized_catalog).stderr
+    moved = run_cli(["init", "--store", str(tmp_path / "moved")], initialized_catalog)
+    assert moved.exit_code == 0, moved.stderr
+    assert json.loads(run_cli(["verify", "--json"], initialized_catalog).stdout)["ok"] == 1
+    assert "still there" in run_cli(["init", "--store", str(tmp_path / "other")], initialized_catalog).stderr
 
 
 def test_usage_errors_exit_2(initialized_catalog):

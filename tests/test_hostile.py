@@ -46,7 +46,7 @@ def cli_process(catalog: str, *args: str, timeout: float = 120) -> tuple[subproc
 
 def test_result_pages_are_read_within_byte_decompressed_and_time_limits(sqlite_catalog, site):
     site.pages["good"] = f'<html><body><img src="{site.add_image("a.jpg", photo_like(1, (64, 64), "JPEG"))}"></body></html>'
-    pages = [site.url(p) for p in ("/hostile/gzip-bomb-page", "/hostile/endless-page", "/hostile/drip-page",
+    pages = [site.url(p) for p in ("/hostile/gzip-bomb-page", "/hostile/endless-page", "/hostile/drip-page\x1b]0;t\x07",
                                    "/page/good")]
     gzip_bomb()  # built before the clock starts
     args = ["crawl", "--label", "pages", "--timeout", "1", "--allow-private", "--json"]
@@ -57,6 +57,7 @@ def test_result_pages_are_read_within_byte_decompressed_and_time_limits(sqlite_c
     assert json.loads(result.stdout)["new_images"] == 1
     warnings = [line for line in result.stderr.splitlines() if line.startswith("greedy: skipping")]
     assert len(warnings) == 3, result.stderr
+    assert "\x1b" not in result.stderr
     assert sum("larger than 10485760 bytes" in w for w in warnings) == 2, "\n".join(warnings)
     assert sum("download too slow" in w for w in warnings) == 1, warnings
     # Before: the 500 KB bomb inflated to gigabytes, the endless page grew without end, the drip page
@@ -78,6 +79,7 @@ def test_image_downloads_stop_at_their_limits_and_bad_urls_fail_alone(sqlite_cat
     assert report["status"] == "done" and report["new_images"] == 3
     assert report["rejected"] == {"larger than the byte cap": 2}, report
     assert report["failed"] == {"download too slow": 3, "not a well-formed http(s) URL": 1, "bad URL": 1}, report
+    assert "\x1b" not in result.stdout + result.stderr
     assert seconds < 15, seconds  # the drips: three times --timeout each, in parallel
     assert peak_mb < 400, peak_mb
 
@@ -359,3 +361,50 @@ def test_a_full_disk_is_reported_as_such_and_leaves_no_orphans(tmp_path):
     assert (out / "stats-rc").read_text().strip() == "0", (out / "stats-stderr").read_text()
     state = json.loads((out / "state.json").read_text())
     assert state["orphans"] == [] and state["missing"] == [] and state["temps"] == [], state
+
+
+def test_a_killed_export_leaves_nothing_the_next_export_does_not_sweep(sqlite_catalog, tmp_path):
+    (tmp_path / "in" / "cats").mkdir(parents=True)
+    (tmp_path / "in" / "dogs").mkdir(parents=True)
+    for n in range(4):
+        (tmp_path / "in" / ("cats" if n % 2 else "dogs") / f"{n}.png").write_bytes(photo_like(n))
+    for args in (["import", str(tmp_path / "in")], ["verify"], ["split"], ["snapshot", "create", "v1"]):
+        assert run_cli(args, sqlite_catalog).exit_code == 0
+    out = tmp_path / "exports"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = out / f".v1.partial-{dead.pid}"  # what kill -9 during an export leaves
+    (leftover / "train" / "cats").mkdir(parents=True)
+    (leftover / "train" / "cats" / "x.png").write_bytes(b"half")
+    running = out / f".other.partial-{os.getpid()}"  # an export still running in another process
+    running.mkdir()
+    assert run_cli(["snapshot", "export", "v1", str(out / "v1")], sqlite_catalog).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == [running.name, "v1"]
+
+
+def test_predict_takes_a_run_id_from_the_catalog_never_a_folder_named_like_one(sqlite_catalog, tmp_path, monkeypatch):
+    trap = tmp_path / "work" / "1"
+    trap.mkdir(parents=True)
+    (trap / "export.pkl").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")  # a pickle that runs a command
+    (tmp_path / "work" / "x.png").write_bytes(photo_like(1))
+    monkeypatch.chdir(tmp_path / "work")
+    result = run_cli(["predict", "1", "x.png"], sqlite_catalog)
+    assert result.exit_code == 1 and result.stderr == "Error: no training run '1' in the catalog (see `fastclass runs`)\n"
+    assert not (tmp_path / "work" / "pwned").exists()
+
+
+def test_numbers_and_labels_that_would_break_the_catalog_are_refused_clearly(sqlite_catalog, tmp_path):
+    huge = str(2**64)
+    assert "is not in the range" in run_cli(["split", "--seed", huge], sqlite_catalog).stderr
+    assert run_cli(["image", huge], sqlite_catalog).stderr == f"Error: no image with id {huge} in the catalog\n"
+    assert run_cli(["runs", "show", huge], sqlite_catalog).stderr.startswith("Error: no training run")
+    assert "is not in the range" in run_cli(["jobs", "--limit", huge], sqlite_catalog).stderr
+    nan = run_cli(["verify", "--max-aspect", "nan"], sqlite_catalog)
+    assert nan.exit_code == 2 and "'nan' is not a finite number" in nan.stderr
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(photo_like(1))
+    for label, why in (("ab\u202ecd", "U+202E"), ("a\u200bb", "U+200B"), ("\U0001f600" * 70, "255 bytes")):
+        result = run_cli(["import", str(tmp_path / "in"), "--label", label], sqlite_catalog)
+        assert result.exit_code == 1 and why in result.stderr and "\u202e" not in result.stderr, result.stderr
+    assert catalog_rows(sqlite_catalog, "SELECT count(*) FROM labels") == [(0,)]

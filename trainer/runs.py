@@ -16,6 +16,7 @@ from db.models import RunEpoch, RunStatus, Snapshot, TrainingRun, utcnow
 from fastclass import __version__
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.store import pid_alive
+from fastclass.text import parse_id
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.csv"
@@ -102,7 +103,7 @@ def shown_status(run: TrainingRun) -> str:
 
 def get_run(session: Session, run_id: int | str) -> TrainingRun:
     text = str(run_id).strip()
-    run = session.get(TrainingRun, int(text)) if text.isdigit() else None
+    run = session.get(TrainingRun, parse_id(text)) if parse_id(text) is not None else None
     if run is None:
         raise NotFoundError(f"no training run {text!r} in the catalog (see `fastclass runs`)")
     return run

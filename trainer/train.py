@@ -257,7 +257,9 @@ def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, run
             if cached:
                 # The exported model must read files (predict, interpret), not this run's cache.
                 learn.dls = dataloaders(config.sizes[-1], bs, from_cache=False)
-            learn.export(EXPORT_NAME)
+            # Written beside, then renamed: a kill during the write never leaves a truncated export.pkl.
+            learn.export(EXPORT_NAME + ".partial")
+            os.replace(Path(learn.path) / (EXPORT_NAME + ".partial"), Path(learn.path) / EXPORT_NAME)
     except KeyboardInterrupt:
         if run is not None:
             finish_run(session, run.id, RunStatus.INTERRUPTED, error="interrupted (Ctrl-C)")
