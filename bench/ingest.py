@@ -24,7 +24,7 @@ from bench.common import machine, peak_rss_mib, write_section  # noqa: E402
 from db.models import Image as ImageRow  # noqa: E402
 from db.models import Label, utcnow  # noqa: E402
 from fastclass.catalog import init_catalog, open_catalog  # noqa: E402
-from fastclass.ingest import ids_by_sha256, insert_rows  # noqa: E402
+from fastclass.ingest.record import ids_by_sha256, insert_rows  # noqa: E402
 from fastclass.sample import write_web_jpegs  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def _timed_child(args: list[str]) -> tuple[float, float]:
 
 
 def child_import(root: Path, location: str) -> None:
-    from fastclass.importer import import_folder
+    from fastclass.ingest.importer import import_folder
 
     catalog = open_catalog(location)
     started = time.perf_counter()

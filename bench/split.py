@@ -52,8 +52,8 @@ def fill(location: Path, first: int, count: int, labels: int) -> None:
 
 def child(step: str, location: str) -> None:
     from fastclass.catalog import open_catalog
-    from fastclass.snapshot import create_snapshot
-    from fastclass.split import assign_splits
+    from fastclass.dataset.snapshot import create_snapshot
+    from fastclass.dataset.split import assign_splits
 
     catalog = open_catalog(location)
     started = time.perf_counter()

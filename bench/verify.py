@@ -24,7 +24,7 @@ def child_verify(location: str) -> None:
     from sqlalchemy import update
 
     from db.models import Image
-    from fastclass.verify import verify_images
+    from fastclass.curate.verify import verify_images
 
     catalog = open_catalog(location)
     with catalog.session() as session:

@@ -15,7 +15,6 @@ from db import CatalogError, SchemaState, check_schema, open_engine, session_sco
 from db.engine import display_url
 from db.models import Image, Setting
 from fastclass.errors import FastclassError
-from fastclass.ingest import is_recorded_in
 from fastclass.store import ImageStore, S3ImageStore, StoreError, open_store
 
 DEFAULT_CATALOG = "fastclass.db"
@@ -40,6 +39,15 @@ def catalog_url(location: str) -> str:
 def _base_dir(location: str) -> Path:
     """Relative store paths are relative to the catalog file's folder (or the working folder for a URL)."""
     return Path.cwd() if is_url(location) else Path(location).expanduser().resolve().parent
+
+
+def is_recorded_in(session: Session):
+    """A predicate for the store: does the catalog hold an image with this sha256?"""
+
+    def is_recorded(sha256: str) -> bool:
+        return session.execute(select(Image.id).where(Image.sha256 == sha256)).first() is not None
+
+    return is_recorded
 
 
 @dataclass

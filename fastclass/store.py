@@ -69,6 +69,13 @@ def write_failure(what: str, exc: OSError) -> str:
     return f"cannot write to {what}: {exc.strerror or exc}"
 
 
+def process_alive(host: str | None, pid: int | None) -> bool:
+    """Whether a process recorded as (host, pid) may still run: always, unless it ran on this host and is gone."""
+    if host != socket.gethostname() or not pid:
+        return True
+    return pid_alive(int(pid))
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process on this host is running (a zombie counts as dead)."""
     try:

@@ -131,8 +131,8 @@ def sqlite_catalog(tmp_path: Path) -> str:
 
 def add_images(catalog, root: Path, spec: dict[str, list[bytes]]) -> None:
     """Import real files (root/<label>/<n>.<ext>) into the catalog and verify them, through the services."""
-    from fastclass.importer import import_folder
-    from fastclass.verify import verify_images
+    from fastclass.curate.verify import verify_images
+    from fastclass.ingest.importer import import_folder
 
     for label, blobs in spec.items():
         for n, data in enumerate(blobs):
@@ -195,8 +195,8 @@ def digit_images(digits: dict[str, int], per_class: int, size: int = 64, skip: i
 
 def snapshot_of(catalog, root: Path, spec: dict[str, list[bytes]], name: str, valid_pct: float = 0.2) -> None:
     """Import, verify, split and snapshot real images through the services."""
-    from fastclass.snapshot import create_snapshot
-    from fastclass.split import assign_splits
+    from fastclass.dataset.snapshot import create_snapshot
+    from fastclass.dataset.split import assign_splits
 
     add_images(catalog, root, spec)
     with catalog.session() as session:

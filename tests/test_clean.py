@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fastclass.catalog import open_catalog
-from fastclass.preview import detect_protocol, halfblock, render
+from fastclass.cli.preview import detect_protocol, halfblock, render
 from tests.conftest import add_images, catalog_rows, photo_like, run_cli
 
 ENV = {"TERM": "xterm-256color", "COLORTERM": "truecolor", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -199,8 +199,8 @@ def test_protocol_detection_and_inline_protocols():
 def test_conflict_filter_walks_groups_that_span_labels(catalog, tmp_path):
     add_images(catalog, tmp_path / "in", {"cats": [photo_like(0, (64, 64)), photo_like(1)],
                                           "dogs": [photo_like(0, (56, 56)), photo_like(2)]})
-    from fastclass.dedup import find_near_duplicates
-    from fastclass.review import image_card, review_queue
+    from fastclass.curate.dedup import find_near_duplicates
+    from fastclass.curate.review import image_card, review_queue
 
     with catalog.session() as session:
         assert find_near_duplicates(session).conflicts == 1

@@ -111,3 +111,15 @@ def test_help_does_not_import_torch_or_fastai():
            "try:\n    main()\nexcept SystemExit:\n    pass\n" \
            "assert 'torch' not in sys.modules and 'fastai' not in sys.modules, 'heavy import at --help'"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_reading_commands_do_not_import_image_or_migration_libraries(sqlite_catalog):
+    heavy = ["PIL", "numpy", "scipy", "torch", "fastai", "alembic", "urllib3", "icrawler"]
+    for command in (["stats"], ["labels"], ["jobs"], ["snapshot", "list"]):
+        code = ("import sys; from fastclass.cli import main\n"
+                f"sys.argv = ['fastclass', '--catalog', {sqlite_catalog!r}, *{command!r}]\n"
+                "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+                f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == "[]", (command, done.stdout)

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from fastclass.catalog import init_catalog, open_catalog
-from fastclass.crawl import CrawlOptions
-from fastclass.crawl_queue import claim_job, enqueue_crawl
+from fastclass.crawl.jobqueue import claim_job, enqueue_crawl
+from fastclass.crawl.options import CrawlOptions
 from tests.conftest import catalog_rows, photo_like, run_cli
 from tests.webserver import EngineSite
 

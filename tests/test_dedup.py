@@ -8,7 +8,7 @@ import random
 import numpy as np
 from PIL import ImageOps
 
-from fastclass.dedup import HashIndex, find_pairs, near_duplicate_groups
+from fastclass.curate.dedup import HashIndex, find_pairs, near_duplicate_groups
 from fastclass.sample import jpeg_bytes, load_photo, random_crop
 from tests.conftest import catalog_rows, run_cli, write
 

@@ -269,7 +269,7 @@ def test_a_symlink_dag_is_walked_once_per_folder(sqlite_catalog, tmp_path):
 # -- CSV files ---------------------------------------------------------------------------------------
 
 def test_class_csv_is_parsed_strictly_with_line_numbers_and_known_encodings(sqlite_catalog, site, tmp_path):
-    from fastclass.crawl import read_class_csv
+    from fastclass.crawl.options import read_class_csv
 
     table = tmp_path / "classes.csv"
     table.write_text('searchterm,exclude\nkestrel,\n"barn owl,\nheron,"grey\nlapwing,\n'

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from db.models import Source
-from fastclass.importer import import_folder
+from fastclass.ingest.importer import import_folder
 from fastclass.store import ImageStore
 from tests.conftest import catalog_rows, image_bytes, run_cli, write
 

@@ -14,9 +14,10 @@ from sqlalchemy import func, select
 
 from db.models import Image as ImageRow
 from db.models import ImageHash, Source
-from fastclass.hashes import HASH_KINDS, to_unsigned64
+from fastclass.ingest.analyze import NotAnImage, analyze_bytes, read_capped
+from fastclass.ingest.hashes import HASH_KINDS, to_unsigned64
+from fastclass.ingest.record import SourceInfo, ingest_bytes
 from fastclass.sample import jpeg_bytes, load_photo, random_crop
-from fastclass.ingest import NotAnImage, SourceInfo, analyze_bytes, ingest_bytes, read_capped
 from tests.conftest import image_bytes
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fastclass.catalog import open_catalog
-from fastclass.lifecycle import ALLOWED, TRANSITIONS, Actor, Status
+from fastclass.curate.lifecycle import ALLOWED, TRANSITIONS, Actor, Status
 from tests.conftest import catalog_rows, photo_like, run_cli, write
 
 
@@ -109,10 +109,10 @@ def test_a_pruned_image_never_comes_back_ok_without_its_bytes(initialized_catalo
 
 
 def test_a_keep_in_the_prompt_of_a_pruned_image_is_refused(catalog, tmp_path):
+    from fastclass.curate.review import decide
+    from fastclass.curate.verify import prune_rejected, verify_images
     from fastclass.errors import FastclassError
-    from fastclass.review import decide
-    from fastclass.verify import prune_rejected, verify_images
-    from fastclass.importer import import_folder
+    from fastclass.ingest.importer import import_folder
 
     write(tmp_path / "in" / "cats" / "a.png", photo_like(8, (64, 64)))
     with catalog.session() as session:
@@ -259,9 +259,9 @@ def test_split_and_snapshot_say_what_they_leave_out(initialized_catalog, tmp_pat
 def test_verify_never_reverts_a_decision_made_while_it_runs(catalog, tmp_path):
     """A reviewer deletes images while verify is checking them: the deletes stand (the verdicts for those
     images are not written)."""
-    from fastclass.importer import import_folder
-    from fastclass.review import decide
-    from fastclass.verify import verify_images
+    from fastclass.curate.review import decide
+    from fastclass.curate.verify import verify_images
+    from fastclass.ingest.importer import import_folder
 
     for n in range(12):
         write(tmp_path / "in" / "cats" / f"{n}.png", photo_like(80 + n))

@@ -7,7 +7,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
 from db import SchemaState, check_schema, open_engine, upgrade_to_head
-from db.migrate import alembic_config, head_revision
+from db.migrate import HEAD_REVISION, alembic_config, head_revision
 from db.models import Base
 from fastclass.catalog import catalog_url
 from tests.conftest import run_cli
@@ -22,6 +22,10 @@ def test_empty_database_upgraded_to_head_matches_models(catalog_location):
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_the_cheap_head_check_names_the_newest_migration():
+    assert HEAD_REVISION == head_revision()
 
 
 def test_sqlite_catalog_uses_wal_and_foreign_keys(sqlite_catalog):

@@ -11,9 +11,9 @@ from sqlalchemy.exc import DBAPIError
 
 from db.models import Image, Label, Snapshot, SnapshotItem
 from fastclass.catalog import open_catalog
+from fastclass.dataset.snapshot import create_snapshot, diff_snapshots, show_snapshot, snapshot_items
+from fastclass.dataset.split import assign_splits
 from fastclass.errors import FastclassError
-from fastclass.snapshot import create_snapshot, diff_snapshots, show_snapshot, snapshot_items
-from fastclass.split import assign_splits
 from tests.conftest import add_images, catalog_rows, photo_like, run_cli, sqlite_catalog_named
 
 

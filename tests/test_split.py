@@ -7,9 +7,9 @@ from sqlalchemy import select, update
 
 from db.models import Image, Split, SplitAssignment
 from fastclass.catalog import open_catalog
-from fastclass.dedup import find_near_duplicates
-from fastclass.review import decide
-from fastclass.split import assign_splits
+from fastclass.curate.dedup import find_near_duplicates
+from fastclass.curate.review import decide
+from fastclass.dataset.split import assign_splits
 from tests.conftest import add_images, photo_like, pngs, run_cli, sqlite_catalog_named
 
 

@@ -145,7 +145,7 @@ def test_predict_needs_only_the_exported_run(trained, tmp_path):
 
 
 def test_clean_order_loss_walks_the_highest_losses_first(trained):
-    from fastclass.review import review_queue
+    from fastclass.curate.review import review_queue
 
     catalog = open_catalog(trained.location)
     with catalog.session() as session:
@@ -178,7 +178,7 @@ def test_the_same_seed_trains_the_same_run(trained):
     run_id = json.loads(again.stdout)["run_id"]
     first, second = epoch_rows(trained.location, 1), epoch_rows(trained.location, run_id)
     assert [row[:7] for row in first] == [row[:7] for row in second]
-    from fastclass.review import review_queue
+    from fastclass.curate.review import review_queue
 
     catalog = open_catalog(trained.location)
     with pytest.raises(FastclassError, match=rf"^run {run_id} has no per-image losses yet; run `fastclass "
@@ -413,7 +413,7 @@ def test_train_interpret_and_clean_order_on_postgres(pg_database, tmp_path):
     assert run_cli(["interpret", "1"], pg_database).exit_code == 0
     shown = json.loads(run_cli(["runs", "show", "1", "--json"], pg_database).stdout)
     assert shown["status"] == "done" and len(shown["epoch_rows"]) == 2
-    from fastclass.review import review_queue
+    from fastclass.curate.review import review_queue
 
     catalog = open_catalog(pg_database)
     with catalog.session() as session:

@@ -25,8 +25,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Snapshot
+from fastclass.dataset.snapshot import snapshot_items
 from fastclass.errors import FastclassError
-from fastclass.snapshot import snapshot_items
 from fastclass.store import ImageStore
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from db.models import RunEpoch, RunStatus, Snapshot, TrainingRun, utcnow
 from fastclass import __version__
 from fastclass.errors import FastclassError, NotFoundError
-from fastclass.store import pid_alive
+from fastclass.store import process_alive
 from fastclass.text import parse_id
 
 CONFIG_NAME = "config.json"
@@ -96,7 +96,7 @@ def finish_run(session: Session, run_id: int, status: RunStatus, error: str | No
 
 def shown_status(run: TrainingRun) -> str:
     """A run whose process died without saying so (kill -9, power loss) shows as interrupted."""
-    if run.status == RunStatus.RUNNING.value and run.host == socket.gethostname() and not pid_alive(run.pid):
+    if run.status == RunStatus.RUNNING.value and not process_alive(run.host, run.pid):
         return RunStatus.INTERRUPTED.value
     return run.status
 

@@ -23,8 +23,10 @@ from sqlalchemy.orm import Session
 
 from db.models import CrawlJob, utcnow
 from fastclass.catalog import Catalog
-from fastclass.crawl import CrawlOptions, CrawlReport, check_options, job_params, run_crawl
-from fastclass.labels import label_ids
+from fastclass.crawl.crawler import CrawlReport, check_options, run_crawl
+from fastclass.crawl.jobs import job_params
+from fastclass.crawl.options import CrawlOptions
+from fastclass.curate.labels import label_ids
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from operator import itemgetter
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,10 +14,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
+from fastclass.curate.labels import existing_label_id
+from fastclass.curate.lifecycle import Actor, Status, move, move_each, take_write_lock
 from fastclass.errors import FastclassError
-from fastclass.ingest import decode_reason, reason_kind
-from fastclass.labels import existing_label_id
-from fastclass.lifecycle import Actor, Status, move, move_each, take_write_lock
+from fastclass.ingest import MAX_PIXELS
+from fastclass.ingest.analyze import decode_reason, reason_kind
 from fastclass.store import ImageStore
 from fastclass.workers import Budget, IsolatedPool
 
@@ -33,7 +34,7 @@ class VerifyRules:
 
     min_width: int = 32
     min_height: int = 32
-    max_pixels: int = 89_478_485
+    max_pixels: int = MAX_PIXELS
     max_aspect: float = 10.0
     animated: str = "reject"  # or "first-frame"
 
@@ -229,7 +230,7 @@ def prune_rejected(session: Session, store: ImageStore) -> PruneResult:
     Pruned rows stay (status deleted, reason kept). A rejected image that a snapshot holds keeps its file
     and its status: snapshots must stay exportable and trainable.
     """
-    from fastclass.snapshot import snapshots_holding
+    from fastclass.dataset.snapshot import snapshots_holding
 
     result = PruneResult()
     candidates = session.execute(select(ImageRow.id, ImageRow.status, ImageRow.store_path)

@@ -1,66 +1,33 @@
-"""The one way images enter the catalog: analyze bytes, store them by content, record rows and provenance.
+"""The one way images enter the catalog: record prepared images (analysed and stored in workers, see
+analyze.py), their hashes and their provenance in a few bulk statements.
 
-`analyze_bytes` and `prepare_file` are pure CPU/store work and run in worker processes; `record_batch`
-writes the catalog rows of many prepared images in a few bulk statements; `commit_batch` commits them and
-then releases the store's temp twins (or undoes the store writes when the commit fails).
+`record_batch` writes the rows of many prepared images; `commit_batch` commits them and then releases the
+store's temp twins (or undoes the store writes when the commit fails).
 """
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import io
-import os
-import warnings
-from operator import itemgetter
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Sequence
+from operator import itemgetter
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-from PIL import Image, ImageFile
 from sqlalchemy import Table, func, insert, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
 from db.models import ImageHash, Review, Source, utcnow
-from fastclass.hashes import HASH_KINDS, compute_hashes
-from fastclass.labels import label_ids
-from fastclass.lifecycle import LIVE, Conflict, take_write_lock
+from fastclass.catalog import is_recorded_in
+from fastclass.curate.labels import label_ids
+from fastclass.curate.lifecycle import LIVE, Conflict, take_write_lock
+from fastclass.ingest import MAX_PIXELS
+from fastclass.ingest.hashes import HASH_KINDS
 from fastclass.store import ImageStore, StoredFile
 
-DEFAULT_MAX_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold; verify enforces the configured one
-HASH_DRAFT_SIZE = (32, 32)
+if TYPE_CHECKING:
+    from fastclass.ingest.analyze import ImageFacts
+
 SQL_CHUNK = 500
-
-EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "PPM": "ppm"}
-
-# fastclass checks the pixel count itself before any decode, so Pillow's warning/raise is redundant here.
-Image.MAX_IMAGE_PIXELS = None
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class NotAnImage(Exception):
-    """The bytes are not an image fastclass can store; the message is the reason recorded for the skip."""
-
-
-@dataclass(frozen=True)
-class ImageFacts:
-    """What ingest learns from the bytes alone."""
-
-    sha256: str
-    format: str
-    width: int
-    height: int
-    mode: str
-    nbytes: int
-    hashes: dict[str, int]
-    decode_error: str | None = None
-
-    @property
-    def ext(self) -> str:
-        return EXTENSIONS.get(self.format, self.format.lower())
-
 
 @dataclass
 class SourceInfo:
@@ -94,93 +61,6 @@ class RecordResult:
     """Known images now also claimed for another label: each is an open label conflict."""
     new_per_label: Counter = field(default_factory=Counter)
 
-
-def _sniff_non_image(data: bytes) -> str | None:
-    if not data:
-        return "empty file"
-    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if head.startswith(b"<"):
-        if b"<svg" in data[:4096].lower():
-            return "vector image (SVG) is not supported"
-        return "not an image (HTML/XML text)"
-    return None
-
-
-def analyze_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFacts:
-    """Identify the real format from the bytes, read the header, and hash a reduced-size decode.
-
-    Raises NotAnImage for bytes that are not a raster image. A file whose header is fine but whose pixels
-    do not decode (truncated, corrupt) is still an image: it gets `decode_error` and no hashes, and verify
-    rejects it with that reason.
-    """
-    reason = _sniff_non_image(data)
-    if reason:
-        raise NotAnImage(reason)
-    sha = hashlib.sha256(data).hexdigest()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            fmt, (width, height), mode = img.format or "UNKNOWN", img.size, img.mode
-    except Exception as exc:  # Pillow raises many types for garbage; each means "not an image"
-        raise NotAnImage(f"not an image ({type(exc).__name__})") from exc
-    if width <= 0 or height <= 0:
-        raise NotAnImage("not an image (zero width or height)")
-    hashes: dict[str, int] = {}
-    decode_error = None
-    if width * height > max_pixels:
-        decode_error = f"decompression bomb ({width}x{height} pixels is over the limit of {max_pixels})"
-    else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # One reduced-size decode (JPEG DCT scaling) serves the pixel check and every hash kind.
-                img.draft("L", HASH_DRAFT_SIZE)
-                hashes = compute_hashes(img.convert("L"))
-        except Exception as exc:
-            decode_error = decode_reason(exc)
-    return ImageFacts(sha, fmt, width, height, mode, len(data), hashes, decode_error)
-
-
-def decode_reason(exc: BaseException) -> str:
-    """The reason recorded for bytes whose header reads but whose pixels do not decode (ingest and verify)."""
-    if isinstance(exc, MemoryError):
-        return "decoding needs more memory than the per-file limit"
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if "truncated" in text.lower() or "premature end" in text.lower():
-        return "truncated image data"
-    if isinstance(exc, (OSError, SyntaxError)) and ("crc" in text.lower() or "broken" in text.lower()):
-        return f"corrupt image data ({text[:120]})"
-    return f"cannot decode ({type(exc).__name__}: {text[:120]})"
-
-
-def reason_kind(reason: str | None) -> str:
-    """A reason without its figures, for summary tables ('too small (20x10 ...)' -> 'too small')."""
-    return (reason or "").split(" (")[0]
-
-
-def read_capped(path: Path, max_bytes: int) -> bytes:
-    """Read a file, refusing one over the byte cap before reading it whole."""
-    with open(path, "rb") as fh:
-        # Ask for what the file holds, not the cap: a read buffer of max_bytes per file costs more than
-        # the read itself. One byte more shows a file that grew (or a pipe, whose size reads 0).
-        size = os.fstat(fh.fileno()).st_size
-        if size > max_bytes:
-            raise NotAnImage(f"file is over the size limit of {max_bytes} bytes")
-        data = fh.read(size + 1)
-        if len(data) > size:
-            data += fh.read(max_bytes + 1 - len(data))
-    if len(data) > max_bytes:
-        raise NotAnImage(f"file is over the size limit of {max_bytes} bytes")
-    return data
-
-
-def prepare_bytes(data: bytes, store: ImageStore, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageFacts, StoredFile]:
-    facts = analyze_bytes(data, max_pixels)
-    return facts, store.put(facts.sha256, facts.ext, data)
-
-
-# Any constant: the advisory lock that writers of images, sources and the fetch log take turns on.
 WRITE_LOCK_KEY = 0x6661737463  # "fastc"
 
 
@@ -355,15 +235,6 @@ def ids_by_sha256(session: Session, shas: Sequence[str]) -> dict[str, int]:
     return found
 
 
-def is_recorded_in(session: Session):
-    """A predicate for the store: does the catalog hold an image with this sha256?"""
-
-    def is_recorded(sha256: str) -> bool:
-        return session.execute(select(ImageRow.id).where(ImageRow.sha256 == sha256)).first() is not None
-
-    return is_recorded
-
-
 def commit_batch(session: Session, store: ImageStore, items: Sequence[PreparedImage]) -> RecordResult:
     """Record and commit a batch; on any failure roll back and remove the files nobody else claims."""
     try:
@@ -378,8 +249,10 @@ def commit_batch(session: Session, store: ImageStore, items: Sequence[PreparedIm
 
 
 def ingest_bytes(session: Session, store: ImageStore, data: bytes, label: str, source: SourceInfo,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> RecordResult:
+                 max_pixels: int = MAX_PIXELS) -> RecordResult:
     """Ingest one image's bytes and commit (crawl and single-file callers); raises NotAnImage."""
+    from fastclass.ingest.analyze import prepare_bytes
+
     facts, stored = prepare_bytes(data, store, max_pixels)
     return commit_batch(session, store, [PreparedImage(facts, stored, label, source)])
 

@@ -12,9 +12,9 @@ import json
 import os
 import re
 import shutil
-from operator import itemgetter
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -22,8 +22,8 @@ from sqlalchemy import delete, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Image, Label, Snapshot, SnapshotItem, SplitAssignment, TrainingRun, utcnow
+from fastclass.dataset.split import current_split, left_out
 from fastclass.errors import FastclassError, NotFoundError
-from fastclass.split import current_split, left_out
 from fastclass.store import ImageStore, pid_alive
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -190,7 +190,7 @@ def show_snapshot(session: Session, name: str, store=None) -> SnapshotInfo:
     info = SnapshotInfo.from_row(row)
     info.digest_ok = content_digest(_item_tuples(session, row.id)) == row.digest
     if store is not None:
-        from fastclass.check import find_damage
+        from fastclass.curate.check import find_damage
 
         rows = [(item.image_id, item.sha256, item.store_path) for item in snapshot_items(session, name)]
         missing, altered = find_damage(store, rows, set(store.iter_files()))

@@ -4,7 +4,7 @@ Result-page URLs come from icrawler's feeders and image URLs from icrawler's par
 knowledge stays in one maintained place; fastclass owns fetching (limits, retries, blocks) and
 downloading. Each engine's public address can be replaced (`--engine-url bing=http://127.0.0.1:8000`)
 by a mirror, a proxy or a test server: the fetch session rewrites the public base URL, which also
-reaches requests an icrawler parser makes itself (Flickr's size lookups); see fastclass/fetch.py.
+reaches requests an icrawler parser makes itself (Flickr's size lookups); see fastclass/crawl/fetch.py.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from urllib.parse import quote_plus, urljoin, urlsplit
 
 import requests
 
+from fastclass.crawl.fetch import http_url
 from fastclass.errors import FastclassError
-from fastclass.fetch import http_url
 from fastclass.text import printable, read_text_file
 
 log = logging.getLogger(__name__)

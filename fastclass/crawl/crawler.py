@@ -1,7 +1,7 @@
 """`fastclass crawl`: one class from web engines into the catalog, resumable, polite and deduplicated.
 
 The main thread walks each engine's result pages and owns the catalog session; a thread pool downloads
-through one Fetcher (fastclass/fetch.py: guarded addresses, byte and time limits, redirect limit,
+through one Fetcher (fastclass/crawl/fetch.py: guarded addresses, byte and time limits, redirect limit,
 retries with Retry-After) under per-host concurrency, and each body is analysed and stored in an
 isolated worker process (fastclass/workers.py), so the network wait overlaps and a hostile file fails alone. Every URL's outcome is recorded in `fetched_urls` in the same transaction
 as its image, which is what makes a re-run (or `--resume`) skip everything fetched before.
@@ -13,9 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shlex
-import socket
 import threading
 import time
 from collections import Counter
@@ -28,29 +25,26 @@ import requests
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.models import CrawlJob, FetchedUrl, Label, Source, utcnow
+from db.models import CrawlJob, FetchedUrl, Source, utcnow
 from fastclass import __version__
-from fastclass.engines import EngineProblem, EngineRequest, Hit, get_engine
+from fastclass.catalog import is_recorded_in
+from fastclass.crawl.engines import EngineProblem, EngineRequest, Hit, get_engine
+from fastclass.crawl.fetch import Fetcher, FetchFailed, Stopped, http_url
+from fastclass.crawl.jobs import job_params
+from fastclass.crawl.options import CrawlOptions
+from fastclass.curate.labels import label_ids
 from fastclass.errors import FastclassError
-from fastclass.fetch import Fetcher, FetchFailed, Stopped, http_url
-from fastclass.ingest import (
-    DEFAULT_MAX_BYTES,
-    ImageFacts,
-    NotAnImage,
+from fastclass.ingest.analyze import ImageFacts, NotAnImage, analyze_bytes, reason_kind
+from fastclass.ingest.record import (
     PreparedImage,
     SourceInfo,
-    analyze_bytes,
     commit_batch,
-    open_claim_conflicts,
     ids_by_sha256,
     insert_rows,
-    is_recorded_in,
-    reason_kind,
+    open_claim_conflicts,
     serialize_writes,
 )
-from fastclass.labels import label_ids, normalize_label
-from fastclass.store import ImageStore, StoredFile, pid_alive
-from fastclass.text import csv_records, printable
+from fastclass.store import ImageStore, StoredFile
 from fastclass.workers import IsolatedPool
 
 log = logging.getLogger(__name__)
@@ -60,40 +54,6 @@ MAX_PAGE_BYTES = 10 * 1024 * 1024
 BATCH_SIZE = 32
 BATCH_SECONDS = 0.5
 NOT_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/javascript")
-
-
-@dataclass
-class CrawlOptions:
-    """Everything one class's crawl needs; stored with its job so `--resume` can run it again."""
-
-    query: str
-    label: str
-    engines: list[str]
-    max_new: int = 100
-    min_size: tuple[int, int] | None = None
-    threads: int = 8
-    per_host: int = 4
-    filters: dict[str, str] = field(default_factory=dict)
-    pages: list[str] = field(default_factory=list)
-    urls_file: str | None = None
-    engine_urls: dict[str, str] = field(default_factory=dict)
-    max_bytes: int = DEFAULT_MAX_BYTES
-    timeout: float = 10.0
-    connect_timeout: float = 5.0
-    max_redirects: int = 5
-    retries: int = 3
-    max_failures: int = 30
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "CrawlOptions":
-        data = json.loads(text)
-        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        if data.get("min_size"):
-            data["min_size"] = tuple(data["min_size"])
-        return cls(**data)
 
 
 @dataclass
@@ -151,101 +111,6 @@ class _Outcome:
 
 def url_hash(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def label_from_query(query: str, exclude: list[str] = ()) -> str:
-    """A label from a search term: the exclude words removed, lower case, spaces to underscores."""
-    words = [w for w in re.split(r"\s+", query.strip()) if w and w.lower() not in {e.lower() for e in exclude}]
-    label = "_".join(words).lower()
-    label = re.sub(r"[^\w&+.-]+", "_", label).strip("_.")
-    return normalize_label(label or "unnamed")
-
-
-def parse_filters(pairs: list[str]) -> dict[str, str]:
-    filters = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise FastclassError(f"--filter {pair!r} is not KEY=VALUE, e.g. type=photo")
-        filters[key.strip()] = value.strip()
-    return filters
-
-
-def parse_engine_urls(pairs: list[str]) -> dict[str, str]:
-    urls = {}
-    for pair in pairs:
-        name, sep, base = pair.partition("=")
-        if not sep or not http_url(base):
-            raise FastclassError(f"--engine-url {pair!r} is not ENGINE=http(s)://HOST[:PORT]")
-        get_engine(name)
-        urls[name] = base
-    return urls
-
-
-@dataclass
-class ClassRow:
-    line: int
-    query: str
-    label: str
-
-
-def read_class_csv(path: Path) -> tuple[list[ClassRow], list[str]]:
-    """Rows of the fastclass CSV (`searchterm,exclude`, optional `label`), and one message per bad row.
-
-    The query sent to the engines is the search term plus `-word` for each exclude word; the label is the
-    search term without the exclude words. Exclude words are separated by spaces; quote phrases. Each line
-    is one row, parsed strictly: a quote left open is that line's error, never a swallowed rest of file.
-    """
-    rows, errors = [], []
-    header: list[str] = []
-    column: dict[str, int] = {}
-    for line, record, problem in csv_records(path, "CSV file"):
-        where = f"{path}:{line}"
-        if problem is not None:
-            if not header:
-                raise FastclassError(f"{where}: {problem}")
-            errors.append(f"{where}: {problem}")
-            continue
-        if not header:
-            header = [h.strip().lower() for h in record]
-            if "searchterm" not in header:
-                raise FastclassError(f"{where}: the first line must be the header `searchterm,exclude` "
-                                     f"(found {printable(','.join(record)[:80])!r})")
-            column = {name: header.index(name) for name in ("searchterm", "exclude", "label") if name in header}
-            continue
-        row = _class_row(record, header, column, where, line)
-        if isinstance(row, str):
-            errors.append(row)
-        else:
-            rows.append(row)
-    if not header:
-        raise FastclassError(f"{path}: the file is empty; its first line must be the header `searchterm,exclude`")
-    return rows, errors
-
-
-def _class_row(record: list[str], header: list[str], column: dict[str, int], where: str,
-               line: int) -> ClassRow | str:
-    """One CSV record as a class, or the message saying what is wrong with it."""
-    def cell(name: str) -> str:
-        index = column.get(name)
-        return record[index].strip() if index is not None and index < len(record) else ""
-
-    term = cell("searchterm")
-    if not term:
-        return f"{where}: empty searchterm"
-    if any(extra.strip() for extra in record[len(header):]):
-        return (f"{where}: {len(record)} fields, the header has {len(header)} "
-                "(quote a search term that holds a comma)")
-    try:
-        exclude = shlex.split(cell("exclude"))
-    except ValueError as exc:
-        return f"{where}: exclude column: {exc}"
-    try:
-        label = normalize_label(cell("label")) if cell("label") else label_from_query(term, exclude)
-    except FastclassError as exc:
-        return f"{where}: {exc}"
-    query = " ".join([term] + [f'-"{w}"' if " " in w else f"-{w}" for w in exclude])
-    return ClassRow(line, query, label)
 
 
 def analyze_and_store(task: tuple[bytes, ImageStore, tuple[int, int] | None]) -> tuple[ImageFacts, StoredFile] | str:
@@ -619,13 +484,6 @@ def check_options(options: CrawlOptions) -> None:
                                    Path(options.urls_file) if options.urls_file else None))
 
 
-def job_params(options: CrawlOptions, resumed_from: int | None = None) -> str:
-    """A job's params: its options, plus where it runs (so a dead job can be told from a running one)."""
-    params = json.loads(options.to_json())
-    params.update({"host": socket.gethostname(), "pid": os.getpid(), "resumed_from": resumed_from})
-    return json.dumps(params, sort_keys=True)
-
-
 def run_crawl(session: Session, store: ImageStore, options: CrawlOptions, log_dir: Path,
               progress: Callable[[int, int, str], None] | None = None, resumed_from: int | None = None,
               job_id: int | None = None, allow_private: bool = False) -> CrawlReport:
@@ -678,49 +536,3 @@ def _save_job(session: Session, job_id: int, report: CrawlReport) -> None:
         session.commit()
     except Exception:
         log.warning("could not record the end of crawl job %s", job_id, exc_info=True)
-
-
-def list_jobs(session: Session, limit: int | None = None) -> list[dict]:
-    names = dict(session.execute(select(Label.id, Label.name)).all())
-    query = select(CrawlJob).order_by(CrawlJob.id.desc())
-    if limit:
-        query = query.limit(limit)
-    rows = []
-    for job in session.scalars(query):
-        params = json.loads(job.params or "{}")
-        status = job.status
-        if status == "running" and not _alive(params):
-            status = "interrupted"
-        seconds = (job.finished_at - job.started_at).total_seconds() if job.finished_at else None
-        rows.append({"id": job.id, "query": job.query, "label": names.get(job.label_id), "engines": job.engines,
-                     "worker": job.worker, "attempts": job.attempts,
-                     "status": status, "found": job.found, "downloaded": job.downloaded, "new": job.new_images,
-                     "exact_duplicates": job.exact_duplicates, "rejected": job.rejected,
-                     "reasons": json.loads(job.reject_reasons or "{}"),
-                     "engine_stats": json.loads(job.engine_stats or "{}"), "max": params.get("max_new"),
-                     "started_at": job.started_at, "finished_at": job.finished_at, "seconds": seconds,
-                     "last_error": job.last_error})
-    return rows
-
-
-def _alive(params: dict) -> bool:
-    """Whether a job's process may still be running: always, unless it ran on this host and is gone."""
-    if params.get("host") != socket.gethostname() or not params.get("pid"):
-        return True
-    return pid_alive(int(params["pid"]))
-
-
-def jobs_to_resume(session: Session) -> list[tuple[int, CrawlOptions]]:
-    """The latest run of each class whose last run did not finish, with the options it ran with."""
-    latest: dict[tuple[str, int], CrawlJob] = {}
-    for job in session.scalars(select(CrawlJob).order_by(CrawlJob.id)):
-        latest[(job.query, job.label_id)] = job
-    todo = []
-    for job in latest.values():
-        params = json.loads(job.params or "{}")
-        # Queued jobs are the workers' to retry (see fastclass/crawl_queue.py), not --resume's.
-        unfinished = job.worker is None and (
-            job.status == "interrupted" or (job.status == "running" and not _alive(params)))
-        if unfinished:
-            todo.append((job.id, CrawlOptions.from_json(job.params)))
-    return todo

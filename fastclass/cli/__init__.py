@@ -194,7 +194,7 @@ def init(opts: Options, store: str | None) -> None:
 def import_(opts: Options, directory: Path, label: str | None, workers: int | None, file_timeout: float,
             file_memory: int, as_json: bool) -> None:
     """Import an existing folder of images: DIR/<label>/<files>, or --label for a flat folder."""
-    from fastclass.importer import import_folder
+    from fastclass.ingest.importer import import_folder
 
     update, finish = progress_reporter(opts, "Importing")
     try:
@@ -282,7 +282,7 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
            recheck: bool, prune: bool, workers: int | None, file_timeout: float, file_memory: int,
            as_json: bool) -> None:
     """Fully decode unverified images; mark each ok or rejected with its reason."""
-    from fastclass.verify import VerifyRules, parse_size, prune_rejected, verify_images
+    from fastclass.curate.verify import VerifyRules, parse_size, prune_rejected, verify_images
 
     width, height = parse_size(min_size)
     rules = VerifyRules(width, height, max_pixels, max_aspect, animated)
@@ -321,7 +321,7 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
 def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str | None, dry_run: bool,
           show_conflicts: bool, as_json: bool) -> None:
     """Group near-duplicate images; mark all but one keeper per group duplicate; find label conflicts."""
-    from fastclass.dedup import find_near_duplicates, list_conflicts
+    from fastclass.curate.dedup import find_near_duplicates, list_conflicts
 
     with opts.session() as (_, session):
         if show_conflicts:
@@ -372,7 +372,7 @@ def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str 
 def split(opts: Options, valid_pct: float | None, seed: int | None, min_valid: int | None, new_split: bool,
           as_json: bool) -> None:
     """Assign train/valid to every ok image not yet assigned; old images never change side."""
-    from fastclass.split import assign_splits
+    from fastclass.dataset.split import assign_splits
 
     with opts.session() as (_, session):
         result = assign_splits(session, valid_pct, seed, min_valid, new=new_split)
@@ -434,7 +434,7 @@ def _echo_snapshot(info) -> None:
 def snapshot_create(opts: Options, name: str, labels: tuple[str, ...], min_per_label: int, note: str | None,
                     allow_conflicts: bool, as_json: bool) -> None:
     """Freeze the current ok images with their label and split under NAME."""
-    from fastclass.snapshot import create_snapshot
+    from fastclass.dataset.snapshot import create_snapshot
 
     with opts.session() as (_, session):
         info = create_snapshot(session, name, labels, min_per_label, note, allow_conflicts)
@@ -452,7 +452,7 @@ def snapshot_create(opts: Options, name: str, labels: tuple[str, ...], min_per_l
 @pass_options
 def snapshot_list(opts: Options, as_json: bool) -> None:
     """The snapshots in the catalog, oldest first."""
-    from fastclass.snapshot import list_snapshots
+    from fastclass.dataset.snapshot import list_snapshots
 
     with opts.session() as (_, session):
         infos = list_snapshots(session)
@@ -473,7 +473,7 @@ def snapshot_list(opts: Options, as_json: bool) -> None:
 @pass_options
 def snapshot_show(opts: Options, name: str, content: bool, as_json: bool) -> None:
     """A snapshot with its per-label counts and an integrity check of its rows (and files, with --content)."""
-    from fastclass.snapshot import show_snapshot
+    from fastclass.dataset.snapshot import show_snapshot
 
     with opts.session() as (catalog, session):
         info = show_snapshot(session, name, catalog.store if content else None)
@@ -498,7 +498,7 @@ def snapshot_show(opts: Options, name: str, content: bool, as_json: bool) -> Non
 @pass_options
 def snapshot_diff(opts: Options, old: str, new: str, as_json: bool) -> None:
     """What changed from snapshot OLD to snapshot NEW: added, removed, relabelled, moved between splits."""
-    from fastclass.snapshot import diff_snapshots
+    from fastclass.dataset.snapshot import diff_snapshots
 
     with opts.session() as (_, session):
         diff = diff_snapshots(session, old, new)
@@ -528,7 +528,7 @@ def snapshot_diff(opts: Options, old: str, new: str, as_json: bool) -> None:
 @pass_options
 def snapshot_export(opts: Options, name: str, directory: Path, fmt: str, link: bool, as_json: bool) -> None:
     """Write a snapshot's images to a new folder (copies, or reflinks where the file system has them)."""
-    from fastclass.snapshot import export_snapshot
+    from fastclass.dataset.snapshot import export_snapshot
 
     update, finish = progress_reporter(opts, "Exporting")
     try:
@@ -549,7 +549,7 @@ def snapshot_export(opts: Options, name: str, directory: Path, fmt: str, link: b
 @pass_options
 def snapshot_delete(opts: Options, name: str) -> None:
     """Delete a snapshot (its images and files stay in the catalog and store)."""
-    from fastclass.snapshot import delete_snapshot
+    from fastclass.dataset.snapshot import delete_snapshot
 
     with opts.session() as (_, session):
         delete_snapshot(session, name)
@@ -605,17 +605,11 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
           max_bytes: str, retries: int, max_failures: int, enqueue: bool, allow_private: bool,
           as_json: bool) -> None:
     """Crawl web images for one class (QUERY), every class of a CSV (--from), or unfinished crawls (--resume)."""
-    from fastclass.crawl import (
-        CrawlOptions,
-        jobs_to_resume,
-        label_from_query,
-        parse_engine_urls,
-        parse_filters,
-        read_class_csv,
-        run_crawl,
-    )
-    from fastclass.engines import DEFAULT_ENGINES
-    from fastclass.verify import parse_size
+    from fastclass.crawl.crawler import run_crawl
+    from fastclass.crawl.engines import DEFAULT_ENGINES
+    from fastclass.crawl.jobs import jobs_to_resume
+    from fastclass.crawl.options import CrawlOptions, label_from_query, parse_engine_urls, parse_filters, read_class_csv
+    from fastclass.curate.verify import parse_size
 
     if sum(bool(x) for x in (query, from_csv, resume)) > 1:
         raise click.UsageError("give one of QUERY, --from FILE.csv or --resume")
@@ -649,7 +643,7 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
                 click.echo(f"Warning: {message}", err=True)
             planned = [(None, options_for(row.query, row.label)) for row in rows]
         else:
-            from fastclass.labels import normalize_label
+            from fastclass.curate.labels import normalize_label
 
             text = query or ""
             name = normalize_label(label) if label else label_from_query(text) if text else None
@@ -658,7 +652,7 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
             planned = [(None, options_for(text, name))]
         log_dir = catalog.work_dir / "logs"
         if enqueue:
-            from fastclass.crawl_queue import enqueue_crawl
+            from fastclass.crawl.jobqueue import enqueue_crawl
 
             queued = [(enqueue_crawl(session, options), options) for _, options in planned]
             planned = []
@@ -711,7 +705,7 @@ def _echo_crawl(report, max_new: int) -> None:
 @pass_options
 def jobs(opts: Options, limit: int | None, as_json: bool) -> None:
     """Crawl jobs, newest first: query, label, status and counts."""
-    from fastclass.crawl import list_jobs
+    from fastclass.crawl.jobs import list_jobs
     from fastclass.text import printable
 
     with opts.session() as (_, session):
@@ -745,7 +739,7 @@ def jobs(opts: Options, limit: int | None, as_json: bool) -> None:
 def worker(opts: Options, concurrency: int, name: str | None, lease: float, poll: float, until_empty: bool,
            allow_private: bool, as_json: bool) -> None:
     """Run queued crawl jobs (`crawl --queue`) from the catalog; start any number, on any machine."""
-    from fastclass.crawl_queue import run_worker
+    from fastclass.crawl.jobqueue import run_worker
 
     def on_job(report) -> None:
         if not as_json:
@@ -780,7 +774,7 @@ def worker(opts: Options, concurrency: int, name: str | None, lease: float, poll
 def clean(opts: Options, label: str | None, status: str, order: str, run: str | None, apply_file: Path | None,
           create_labels: bool, as_json: bool) -> None:
     """Review images one key at a time: keep, delete, relabel; every decision is saved at once."""
-    from fastclass.review import apply_csv, review_queue, reviewer_name, run_with_losses
+    from fastclass.curate.review import apply_csv, review_queue, reviewer_name, run_with_losses
 
     if apply_file is not None:
         with opts.session() as (catalog, session):
@@ -797,8 +791,8 @@ def clean(opts: Options, label: str | None, status: str, order: str, run: str | 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise click.ClickException("clean needs a terminal; in scripts use `fastclass clean --apply decisions.csv`, "
                                    "`fastclass label set` or `fastclass delete`")
-    from fastclass.labels import relabel_digits
-    from fastclass.prompt import CleanPrompt, terminal_keys
+    from fastclass.cli.prompt import CleanPrompt, terminal_keys
+    from fastclass.curate.labels import relabel_digits
     from fastclass.stats import list_labels
 
     with opts.session() as (catalog, session):
@@ -823,7 +817,7 @@ def clean(opts: Options, label: str | None, status: str, order: str, run: str | 
 @pass_options
 def reviews(opts: Options, image_ref: str | None, limit: int, as_json: bool) -> None:
     """Review decisions, newest first (the history is never rewritten)."""
-    from fastclass.review import find_image, list_reviews
+    from fastclass.curate.review import find_image, list_reviews
 
     with opts.session() as (_, session):
         image_id = find_image(session, image_ref).id if image_ref else None
@@ -844,7 +838,7 @@ def reviews(opts: Options, image_ref: str | None, limit: int, as_json: bool) -> 
 @pass_options
 def undo_(opts: Options, review_id: int) -> None:
     """Undo one review decision (recorded as a new review; nothing is erased)."""
-    from fastclass.review import undo
+    from fastclass.curate.review import undo
 
     with opts.session() as (catalog, session):
         decision = undo(session, catalog.store, review_id)
@@ -864,8 +858,8 @@ def label() -> None:
 @pass_options
 def label_set(opts: Options, name: str, images: tuple[str, ...], create: bool) -> None:
     """Relabel images (ids or sha256) to NAME; all or none."""
-    from fastclass.labels import did_you_mean, label_exists, normalize_label, unknown_label
-    from fastclass.review import decide_many
+    from fastclass.curate.labels import did_you_mean, label_exists, normalize_label, unknown_label
+    from fastclass.curate.review import decide_many
 
     with opts.session() as (catalog, session):
         if not create and not label_exists(session, normalize_label(name)):
@@ -882,8 +876,8 @@ def label_set(opts: Options, name: str, images: tuple[str, ...], create: bool) -
 @pass_options
 def label_rename(opts: Options, old: str, new: str) -> None:
     """Rename a label; its images, sources, relabel digit and history stay with it."""
-    from fastclass.labels import rename_label
-    from fastclass.review import reviewer_name
+    from fastclass.curate.labels import rename_label
+    from fastclass.curate.review import reviewer_name
 
     with opts.session() as (_, session):
         change = rename_label(session, old, new, reviewer_name())
@@ -896,8 +890,8 @@ def label_rename(opts: Options, old: str, new: str) -> None:
 @pass_options
 def label_merge(opts: Options, source: str, target: str) -> None:
     """Move every image and claim of SOURCE to TARGET and retire SOURCE."""
-    from fastclass.labels import merge_labels
-    from fastclass.review import reviewer_name
+    from fastclass.curate.labels import merge_labels
+    from fastclass.curate.review import reviewer_name
 
     with opts.session() as (_, session):
         change = merge_labels(session, source, target, reviewer_name())
@@ -911,8 +905,8 @@ def label_merge(opts: Options, source: str, target: str) -> None:
 @pass_options
 def label_delete(opts: Options, name: str, force: bool) -> None:
     """Retire a label that no image carries (or, with --force, mark its images deleted)."""
-    from fastclass.labels import delete_label
-    from fastclass.review import reviewer_name
+    from fastclass.curate.labels import delete_label
+    from fastclass.curate.review import reviewer_name
 
     with opts.session() as (_, session):
         change = delete_label(session, name, reviewer_name(), force)
@@ -926,7 +920,7 @@ def label_delete(opts: Options, name: str, force: bool) -> None:
 @pass_options
 def label_history_(opts: Options, limit: int, as_json: bool) -> None:
     """Renames, merges and deletions of labels, newest first."""
-    from fastclass.labels import label_history
+    from fastclass.curate.labels import label_history
 
     with opts.session() as (_, session):
         rows = label_history(session, limit)
@@ -944,7 +938,7 @@ def label_history_(opts: Options, limit: int, as_json: bool) -> None:
 @pass_options
 def delete(opts: Options, images: tuple[str, ...]) -> None:
     """Mark images (ids or sha256) deleted; their files go with the next `fastclass prune`."""
-    from fastclass.review import decide_many
+    from fastclass.curate.review import decide_many
 
     with opts.session() as (catalog, session):
         count = decide_many(session, catalog.store, images, "delete")
@@ -957,8 +951,8 @@ def delete(opts: Options, images: tuple[str, ...]) -> None:
 @pass_options
 def image(opts: Options, ref: str, as_json: bool) -> None:
     """One image's whole story: file, hashes, sources, status history, group, conflicts, snapshots, losses."""
+    from fastclass.curate.story import image_story
     from fastclass.text import printable
-    from fastclass.story import image_story
 
     with opts.session() as (catalog, session):
         story = image_story(session, ref, catalog.store)
@@ -1001,7 +995,7 @@ def image(opts: Options, ref: str, as_json: bool) -> None:
 @pass_options
 def check(opts: Options, repair: bool, workers: int | None, as_json: bool) -> None:
     """Re-hash every stored file against the catalog: missing, altered and orphan files."""
-    from fastclass.check import check_store
+    from fastclass.curate.check import check_store
 
     update, finish = progress_reporter(opts, "Checking")
     try:
@@ -1034,7 +1028,7 @@ def check(opts: Options, repair: bool, workers: int | None, as_json: bool) -> No
 @pass_options
 def prune(opts: Options, as_json: bool) -> None:
     """Remove the files of deleted and rejected images from the store (not those a snapshot holds)."""
-    from fastclass.verify import prune_rejected
+    from fastclass.curate.verify import prune_rejected
 
     with opts.session() as (catalog, session):
         result = prune_rejected(session, catalog.store)

@@ -1,6 +1,6 @@
 """The interactive `fastclass clean` prompt (part of the command line layer: it reads keys and draws).
 
-Every key that decides calls `fastclass.review.decide`, which commits before the next key is read, so
+Every key that decides calls `fastclass.curate.review.decide`, which commits before the next key is read, so
 quitting, Ctrl-C, a closed terminal or a kill lose at most the key in flight.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Iterator
 import click
 from sqlalchemy.orm import Session
 
+from fastclass.cli.preview import detect_protocol, load_for_preview, render
+from fastclass.curate.labels import did_you_mean, label_exists, relabel_digits
+from fastclass.curate.review import Decision, decide, image_card, reviewed_ids, undo
 from fastclass.errors import FastclassError
-from fastclass.preview import detect_protocol, load_for_preview, render
-from fastclass.labels import did_you_mean, label_exists, relabel_digits
-from fastclass.review import Decision, decide, image_card, reviewed_ids, undo
 from fastclass.store import ImageStore
 from fastclass.text import printable
 

@@ -1,0 +1,60 @@
+"""Crawl jobs as records: listing them, which ones `--resume` runs again, where each one runs."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import CrawlJob, Label
+from fastclass.crawl.options import CrawlOptions
+from fastclass.store import process_alive
+
+
+def job_params(options: CrawlOptions, resumed_from: int | None = None) -> str:
+    """A job's params: its options, plus where it runs (so a dead job can be told from a running one)."""
+    params = json.loads(options.to_json())
+    params.update({"host": socket.gethostname(), "pid": os.getpid(), "resumed_from": resumed_from})
+    return json.dumps(params, sort_keys=True)
+
+
+def list_jobs(session: Session, limit: int | None = None) -> list[dict]:
+    names = dict(session.execute(select(Label.id, Label.name)).all())
+    query = select(CrawlJob).order_by(CrawlJob.id.desc())
+    if limit:
+        query = query.limit(limit)
+    rows = []
+    for job in session.scalars(query):
+        params = json.loads(job.params or "{}")
+        status = job.status
+        if status == "running" and not process_alive(params.get("host"), params.get("pid")):
+            status = "interrupted"
+        seconds = (job.finished_at - job.started_at).total_seconds() if job.finished_at else None
+        rows.append({"id": job.id, "query": job.query, "label": names.get(job.label_id), "engines": job.engines,
+                     "worker": job.worker, "attempts": job.attempts,
+                     "status": status, "found": job.found, "downloaded": job.downloaded, "new": job.new_images,
+                     "exact_duplicates": job.exact_duplicates, "rejected": job.rejected,
+                     "reasons": json.loads(job.reject_reasons or "{}"),
+                     "engine_stats": json.loads(job.engine_stats or "{}"), "max": params.get("max_new"),
+                     "started_at": job.started_at, "finished_at": job.finished_at, "seconds": seconds,
+                     "last_error": job.last_error})
+    return rows
+
+
+def jobs_to_resume(session: Session) -> list[tuple[int, CrawlOptions]]:
+    """The latest run of each class whose last run did not finish, with the options it ran with."""
+    latest: dict[tuple[str, int], CrawlJob] = {}
+    for job in session.scalars(select(CrawlJob).order_by(CrawlJob.id)):
+        latest[(job.query, job.label_id)] = job
+    todo = []
+    for job in latest.values():
+        params = json.loads(job.params or "{}")
+        # Queued jobs are the workers' to retry (see fastclass/crawl/jobqueue.py), not --resume's.
+        unfinished = job.worker is None and (
+            job.status == "interrupted" or (job.status == "running" and not process_alive(params.get("host"),
+                                                                                     params.get("pid"))))
+        if unfinished:
+            todo.append((job.id, CrawlOptions.from_json(job.params)))
+    return todo

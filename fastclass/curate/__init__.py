@@ -1,0 +1,1 @@
+"""Curating images: the lifecycle that owns their state, verify, dedup, review, labels, store checks."""

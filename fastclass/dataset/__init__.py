@@ -1,0 +1,1 @@
+"""Datasets: train/valid splits, sealed snapshots and their exports."""
