@@ -1,0 +1,211 @@
+"""Crawling: `crawl`, `jobs` and `worker`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from fastclass.cli import COUNT, Options, cli, echo_json, pass_options, progress_reporter
+
+
+def _parse_bytes(text: str) -> int:
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*", text.lower())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size such as 20MB, 500KB or 1048576")
+    return int(float(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2)])
+
+
+@cli.command()
+@click.argument("query", required=False)
+@click.option("--label", metavar="NAME", help="Label of the images [default: the query, spaces to underscores].")
+@click.option("--engine", "engines", multiple=True, metavar="NAME",
+              help="bing, baidu, google, flickr, greedy or urls (repeatable) [default: bing, baidu, google; "
+                   "greedy with --url, urls with --urls].")
+@click.option("--max", "max_new", type=COUNT, default=100, show_default=True,
+              help="Stop when the class has this many new images from this run.")
+@click.option("--min-size", metavar="WxH", help="Skip images smaller than this (not stored).")
+@click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True, help="Parallel downloads.")
+@click.option("--per-host", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Parallel downloads from one host at most.")
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="Engine search filter, e.g. type=photo, size=large, license=commercial (repeatable).")
+@click.option("--url", "pages", multiple=True, metavar="PAGE", help="A page for the greedy engine (repeatable).")
+@click.option("--urls", "urls_file", type=click.Path(path_type=Path), help="A file of image URLs, one per line.")
+@click.option("--engine-url", "engine_urls", multiple=True, metavar="ENGINE=BASE_URL",
+              help="Send an engine's requests to a mirror, proxy or test server (repeatable).")
+@click.option("--from", "from_csv", type=click.Path(path_type=Path), metavar="FILE.csv",
+              help="One class per row: the fastclass CSV format (searchterm,exclude[,label]).")
+@click.option("--resume", is_flag=True, help="Run again every class whose last crawl was interrupted.")
+@click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="Seconds to wait for a server to answer or send more data.")
+@click.option("--max-bytes", default="20MB", show_default=True, help="Skip files larger than this.")
+@click.option("--retries", type=click.IntRange(0, 10), default=3, show_default=True,
+              help="Retries after 429/503 (honouring Retry-After) and connection errors.")
+@click.option("--max-failures", type=click.IntRange(1), default=30, show_default=True,
+              help="Stop an engine after this many downloads in a row failed.")
+@click.option("--queue", "enqueue", is_flag=True,
+              help="Only queue the job(s), for `fastclass worker`s on any machine to run.")
+@click.option("--allow-private", is_flag=True,
+              help="Also fetch from loopback, private and link-local addresses (intranets, local test servers).")
+@click.option("--json", "as_json", is_flag=True, help="Print the job record(s) as JSON.")
+@pass_options
+def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[str, ...], max_new: int,
+          min_size: str | None, threads: int, per_host: int, filters: tuple[str, ...], pages: tuple[str, ...],
+          urls_file: Path | None, engine_urls: tuple[str, ...], from_csv: Path | None, resume: bool, timeout: float,
+          max_bytes: str, retries: int, max_failures: int, enqueue: bool, allow_private: bool,
+          as_json: bool) -> None:
+    """Crawl web images for one class (QUERY), every class of a CSV (--from), or unfinished crawls (--resume)."""
+    from fastclass.crawl.crawler import run_crawl
+    from fastclass.crawl.engines import DEFAULT_ENGINES
+    from fastclass.crawl.jobs import jobs_to_resume
+    from fastclass.crawl.options import CrawlOptions, label_from_query, parse_engine_urls, parse_filters, read_class_csv
+    from fastclass.curate.verify import parse_size
+
+    if sum(bool(x) for x in (query, from_csv, resume)) > 1:
+        raise click.UsageError("give one of QUERY, --from FILE.csv or --resume")
+    if enqueue and resume:
+        raise click.UsageError("--queue and --resume cannot be used together (workers retry queued jobs themselves)")
+    if enqueue and allow_private:
+        raise click.UsageError("--allow-private is the worker's choice: pass it to `fastclass worker`, not --queue")
+    engine_list = list(engines) or (["greedy"] if pages else ["urls"] if urls_file else list(DEFAULT_ENGINES))
+    if not (query or from_csv or resume or pages or urls_file):
+        raise click.UsageError("give a QUERY, --from FILE.csv, --resume, --url PAGE or --urls FILE")
+
+    def options_for(text: str, name: str) -> CrawlOptions:
+        return CrawlOptions(
+            query=text, label=name, engines=engine_list, max_new=max_new,
+            min_size=parse_size(min_size) if min_size else None, threads=threads, per_host=per_host,
+            filters=parse_filters(list(filters)), pages=list(pages),
+            urls_file=str(urls_file.resolve()) if urls_file else None,
+            engine_urls=parse_engine_urls(list(engine_urls)), max_bytes=_parse_bytes(max_bytes), timeout=timeout,
+            retries=retries, max_failures=max_failures)
+
+    bad_rows: list[str] = []
+    reports = []
+    with opts.session() as (catalog, session):
+        if resume:
+            planned = [(job_id, options) for job_id, options in jobs_to_resume(session)]
+            if not planned:
+                click.echo("Nothing to resume: every crawl finished.", err=True)
+        elif from_csv:
+            rows, bad_rows = read_class_csv(from_csv)
+            for message in bad_rows:
+                click.echo(f"Warning: {message}", err=True)
+            planned = [(None, options_for(row.query, row.label)) for row in rows]
+        else:
+            from fastclass.curate.labels import normalize_label
+
+            text = query or ""
+            name = normalize_label(label) if label else label_from_query(text) if text else None
+            if name is None:
+                raise click.UsageError("--label is needed when there is no QUERY")
+            planned = [(None, options_for(text, name))]
+        log_dir = catalog.work_dir / "logs"
+        if enqueue:
+            from fastclass.crawl.jobqueue import enqueue_crawl
+
+            queued = [(enqueue_crawl(session, options), options) for _, options in planned]
+            planned = []
+        for resumed_from, options in planned:
+            update, finish = progress_reporter(opts, f"Crawling {options.label}")
+            try:
+                reports.append(run_crawl(session, catalog.store, options, log_dir, update, resumed_from,
+                                         allow_private=allow_private))
+            finally:
+                finish()
+            if not as_json:
+                _echo_crawl(reports[-1], options.max_new)
+    if enqueue:
+        if as_json:
+            echo_json([{"id": job_id, "label": o.label, "query": o.query, "status": "queued"} for job_id, o in queued])
+        for job_id, options in [] if as_json else queued:
+            click.echo(f"Queued crawl job {job_id}: {options.label}" + (f" ({options.query!r})" if options.query else ""))
+    elif as_json:
+        echo_json(reports[0].as_dict() if len(reports) == 1 and not (from_csv or resume)
+                  else [r.as_dict() for r in reports])
+    if bad_rows:
+        raise click.ClickException(f"{len(bad_rows)} bad row(s) in {from_csv} (listed above); "
+                                   "the other classes were crawled")
+
+
+def _echo_crawl(report, max_new: int) -> None:
+    from fastclass.text import printable
+
+    query = f" ({report.query!r})" if report.query else ""
+    click.echo(f"Crawl job {report.job_id} {report.status}: {report.label}{query}: "
+               f"{report.new_images} new of --max {max_new}, {report.exact_duplicates} already known, "
+               f"{sum(report.rejected.values())} rejected, {sum(report.failed.values())} failed, "
+               f"{report.skipped} skipped as fetched before; {report.seconds:.1f} s")
+    if report.conflicts:
+        click.echo(f"  {report.conflicts} image(s) were already in the catalog under another label: recorded as "
+                   "label conflicts (`fastclass clean --status conflict`)")
+    click.echo(f"  {'engine':8s} {'found':>6s} {'skipped':>8s} {'fetched':>8s} {'new':>5s} {'dupes':>6s} {'failed':>7s}")
+    for name, stats in report.engines.items():
+        click.echo(f"  {name:8s} {stats.found:6d} {stats.skipped:8d} {stats.downloaded:8d} {stats.new:5d} "
+                   f"{stats.duplicates:6d} {stats.failed:7d}")
+    for reason, count in (report.rejected + report.failed).most_common():
+        click.echo(printable(f"  {count:6d}  {reason}"))
+    for problem in report.problems:
+        click.echo(printable(f"Warning: {problem}"), err=True)
+
+
+@cli.command()
+@click.option("--limit", type=COUNT, help="Only the newest N jobs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
+@pass_options
+def jobs(opts: Options, limit: int | None, as_json: bool) -> None:
+    """Crawl jobs, newest first: query, label, status and counts."""
+    from fastclass.crawl.jobs import list_jobs
+    from fastclass.text import printable
+
+    with opts.session() as (_, session):
+        rows = list_jobs(session, limit)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo("No crawl jobs yet.")
+    for row in rows:
+        worker = f"  worker {row['worker']} (attempt {row['attempts']})" if row["worker"] else ""
+        click.echo(f"{row['id']:5d} {row['status']:11s} {str(row['label'])[:24]:24s} new {row['new']:5d}/"
+                   f"{row['max'] or '?'}  found {row['found']:5d}  dupes {row['exact_duplicates']:4d}  "
+                   f"rejected {row['rejected']:4d}  [{row['engines']}] {row['started_at']:%Y-%m-%d %H:%M}{worker}"
+                   + (f"\n      last error: {printable(row['last_error'])}" if row['last_error'] else ""))
+
+
+@cli.command()
+@click.option("--concurrency", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Crawl jobs run at once by this worker.")
+@click.option("--name", metavar="NAME", help="This worker's name in `fastclass jobs` [default: host:pid].")
+@click.option("--lease", type=click.FloatRange(3), default=60.0, show_default=True,
+              help="Seconds a job stays claimed without a heartbeat before another worker may take it over.")
+@click.option("--poll", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              help="Seconds between looks at an empty queue.")
+@click.option("--until-empty", is_flag=True, help="Stop when no job is queued or running anywhere.")
+@click.option("--allow-private", is_flag=True,
+              help="Let this worker's jobs fetch from loopback, private and link-local addresses.")
+@click.option("--json", "as_json", is_flag=True, help="At the end, print the jobs this worker ran as JSON.")
+@pass_options
+def worker(opts: Options, concurrency: int, name: str | None, lease: float, poll: float, until_empty: bool,
+           allow_private: bool, as_json: bool) -> None:
+    """Run queued crawl jobs (`crawl --queue`) from the catalog; start any number, on any machine."""
+    from fastclass.crawl.jobqueue import run_worker
+
+    def on_job(report) -> None:
+        if not as_json:
+            click.echo(f"Crawl job {report.job_id} {report.status}: {report.label}: {report.new_images} new, "
+                       f"{report.exact_duplicates} already known, {sum(report.rejected.values())} rejected, "
+                       f"{sum(report.failed.values())} failed; {report.seconds:.1f} s")
+
+    catalog = opts.open()
+    try:
+        result = run_worker(catalog, catalog.work_dir / "logs", name, concurrency, lease, poll,
+                            until_empty, on_job, allow_private)
+    finally:
+        catalog.close()
+    if as_json:
+        echo_json(result.as_dict())
+    for message in result.errors:
+        click.echo(f"Warning: {message}", err=True)

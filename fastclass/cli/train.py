@@ -1,0 +1,294 @@
+"""Training and using models: `train`, `runs`, `interpret`, `predict`."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from fastclass.cli import COUNT, SEED, Options, cli, echo_json, log, pass_options, progress_reporter
+
+
+def _runs_root(catalog) -> Path:
+    return catalog.work_dir / "runs"
+
+
+def _parse_sizes(size: int, sizes: str | None) -> tuple[int, ...]:
+    if sizes is None:
+        return (size,)
+    try:
+        parsed = tuple(int(part) for part in sizes.split(",") if part.strip())
+    except ValueError:
+        parsed = ()
+    if not parsed:
+        raise click.BadParameter(f"{sizes!r} is not a list of sizes such as 224,448", param_hint="--sizes")
+    return parsed
+
+
+def _parse_lr(text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither a number nor auto", param_hint="--lr") from None
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+EPOCH_HEADER = (f"{'epoch':>5s} {'phase':9s} {'size':>5s} {'train_loss':>10s} {'valid_loss':>10s} "
+                f"{'error_rate':>10s} {'accuracy':>8s} {'time':>8s} {'img/s':>8s}")
+
+
+def _epoch_line(row) -> str:
+    return (f"{row.epoch:5d} {row.phase:9s} {row.size:5d} {_fmt(row.train_loss, 6):>10s} {_fmt(row.valid_loss, 6):>10s} "
+            f"{_fmt(row.error_rate, 6):>10s} {_fmt(row.accuracy, 4):>8s} {row.seconds:7.1f}s {row.images_per_s:8.1f}")
+
+
+@cli.command()
+@click.option("--snapshot", "snapshot_name", required=True, metavar="NAME", help="The snapshot to train on.")
+@click.option("--arch", default="resnet34", show_default=True,
+              help="Architecture: resnet18/34/50/101/152, densenet, efficientnet, convnext, ... or a timm model name.")
+@click.option("--pretrained/--no-pretrained", default=True, show_default=True,
+              help="Start from ImageNet weights (downloaded once into torch's cache) or from random ones.")
+@click.option("--weights", "weights_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Start from a local state_dict or checkpoint of --arch (for machines without network).")
+@click.option("--epochs", type=click.IntRange(0, 100_000), default=4, show_default=True, help="Epochs with the whole network.")
+@click.option("--freeze-epochs", type=click.IntRange(0, 100_000), default=1, show_default=True,
+              help="First epochs training only the new head.")
+@click.option("--lr", "lr_text", default="2e-3", show_default=True, metavar="LR|auto",
+              help="Peak learning rate, or auto for lr_find's suggestion.")
+@click.option("--lr-mult", type=float, default=100.0, show_default=True,
+              help="The earliest layers learn at lr/lr-mult (discriminative learning rates).")
+@click.option("--fp16/--no-fp16", default=None, help="Mixed precision [default: on with a GPU].")
+@click.option("--size", type=click.IntRange(8), default=224, show_default=True, help="Training image size.")
+@click.option("--sizes", metavar="S1,S2,...", help="Progressive resizing, e.g. 224,448: --epochs more at each further size.")
+@click.option("--halve-bs", is_flag=True, help="With --sizes: halve the batch size at each further size.")
+@click.option("--presize", type=click.IntRange(8), help="Item resize before batch augmentation [default: 2.05 x size].")
+@click.option("--no-flip", is_flag=True, help="No left-right flips (for classes where left and right matter).")
+@click.option("--bs", type=click.IntRange(1), default=64, show_default=True, help="Batch size.")
+@click.option("--workers", type=click.IntRange(0, 256), envvar="FASTCLASS_WORKERS",
+              help="Data loading processes [env FASTCLASS_WORKERS; default: cores up to 16 on a GPU, 0 on the CPU].")
+@click.option("--tta", is_flag=True, help="Also report test-time-augmentation accuracy on valid at the end.")
+@click.option("--seed", type=SEED, default=42, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              envvar="FASTCLASS_DEVICE", help="Where to train [env FASTCLASS_DEVICE].")
+@click.option("--cache/--no-cache", default=None,
+              help="Decode and presize every image once into cache/ beside runs/ [default: on with a GPU].")
+@click.option("--nproc", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Processes (one per GPU) for distributed data-parallel training, launched with torchrun.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_options
+def train(opts: Options, snapshot_name: str, arch: str, pretrained: bool, weights_file: Path | None, epochs: int,
+          freeze_epochs: int, lr_text: str, lr_mult: float, fp16: bool | None, size: int, sizes: str | None,
+          halve_bs: bool, presize: int | None, no_flip: bool, bs: int, workers: int | None, tta: bool, seed: int,
+          device: str, cache: bool | None, nproc: int, as_json: bool) -> None:
+    """Fine-tune a CNN on a snapshot; the run and every epoch are recorded in the catalog."""
+    if weights_file is not None and not pretrained:
+        raise click.UsageError("--weights and --no-pretrained contradict each other")
+    from trainer.archs import NO_WEIGHTS, PRETRAINED
+    from trainer.train import TrainConfig, TrainHooks, train_snapshot
+
+    weights = str(weights_file.resolve()) if weights_file else PRETRAINED if pretrained else NO_WEIGHTS
+    config = TrainConfig(snapshot_name, arch, weights, epochs, freeze_epochs, _parse_lr(lr_text), lr_mult, fp16,
+                         _parse_sizes(size, sizes), presize, halve_bs, not no_flip, bs, workers, tta, seed, device, cache)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        config.check(nproc)
+        _launch_processes(click.get_current_context(), opts, nproc)
+        return
+    # Under torchrun only the first process reports; the others train their share of each batch.
+    rank = int(os.environ.get("RANK", 0))
+    update, finish = progress_reporter(opts, "Training") if rank == 0 else (None, lambda: None)
+    talk = not (as_json or opts.quiet) and rank == 0
+
+    def on_start(result) -> None:
+        if talk:
+            click.echo(f"Run {result.run_id}: {result.arch} on snapshot {result.snapshot} ({result.train_images} train"
+                       f" / {result.valid_images} valid, {len(result.labels)} labels) on {result.device}")
+            click.echo(f"  weights: {result.weights}; artifacts in {result.artifact_dir}")
+
+    def on_lr(lr: float) -> None:
+        if talk:
+            click.echo(f"  lr_find suggests lr {lr:.2e}")
+
+    def on_epoch(row) -> None:
+        if talk:
+            finish()
+            if row.epoch == 0:
+                click.echo(EPOCH_HEADER)
+            click.echo(_epoch_line(row))
+
+    try:
+        with opts.session() as (catalog, session):
+            result = train_snapshot(session, catalog.store, config, _runs_root(catalog),
+                                    TrainHooks(update, on_start, on_lr, on_epoch))
+    finally:
+        finish()
+    if rank:
+        return
+    if as_json:
+        echo_json(result.as_dict())
+        return
+    tta_text = f", TTA accuracy {result.tta_accuracy:.4f}" if result.tta_accuracy is not None else ""
+    click.echo(f"Run {result.run_id} done in {result.seconds:.1f} s: valid loss {_fmt(result.valid_loss)}, "
+               f"accuracy {_fmt(result.accuracy)}{tta_text}; model {result.artifact_dir / 'export.pkl'}")
+
+
+def _launch_processes(ctx: click.Context, opts: Options, nproc: int) -> None:
+    """Run this same train command in nproc processes under torchrun (one machine); exit with its status."""
+    import subprocess
+
+    args = ["--catalog", opts.location] + (["-v"] if opts.verbose else ["-q"] if opts.quiet else []) + ["train"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == "nproc" or value is None or not isinstance(param, click.Option):
+            continue
+        if param.is_flag and param.secondary_opts:
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.is_flag:
+            if value:
+                args.append(param.opts[0])
+        else:
+            args += [param.opts[0], str(value.resolve() if isinstance(value, Path) else value)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "fastclass", *args]
+    log.debug("launching: %s", " ".join(command))
+    ctx.exit(subprocess.run(command).returncode)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--limit", type=COUNT, help="Only the newest N runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@click.pass_context
+def runs(ctx: click.Context, limit: int | None, as_json: bool) -> None:
+    """Training runs, newest first: snapshot, architecture, status and final metrics."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from trainer.runs import list_runs
+
+    with ctx.find_object(Options).session() as (_, session):
+        rows = list_runs(session, limit)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo("No training runs yet; start one with `fastclass train --snapshot NAME`.")
+    for row in rows:
+        tta = f" tta {row['tta_accuracy']:.4f}" if row["tta_accuracy"] is not None else ""
+        click.echo(f"{row['id']:5d} {row['status']:11s} {row['arch'][:22]:22s} {row['snapshot'][:20]:20s} "
+                   f"epochs {row['epochs']:3d}  valid_loss {_fmt(row['valid_loss'])}  accuracy {_fmt(row['accuracy'])}"
+                   f"{tta}  {row['started_at']:%Y-%m-%d %H:%M}  {row['seconds']:.0f} s"
+                   + (f"\n      error: {row['error']}" if row["error"] else ""))
+
+
+@runs.command("show")
+@click.argument("run_id", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@pass_options
+def runs_show(opts: Options, run_id: str, as_json: bool) -> None:
+    """One run: config, code version, device, and every epoch's metrics."""
+    from trainer.runs import show_run
+
+    with opts.session() as (_, session):
+        data = show_run(session, run_id)
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"Run {data['id']} ({data['status']}): {data['arch']} on snapshot {data['snapshot']} "
+               f"({data['snapshot_digest'][:12]})")
+    click.echo(f"  device   {data['device']} on {data['host']}; fastclass {data['code_version']}")
+    click.echo(f"  started  {data['started_at']:%Y-%m-%d %H:%M:%S} UTC, {data['seconds']:.1f} s")
+    click.echo(f"  weights  {data['config'].get('weights_loaded')}")
+    config = data["config"]
+    click.echo("  config   " + " ".join(f"{k}={config[k]}" for k in ("epochs", "freeze_epochs", "lr", "lr_mult", "sizes",
+                                                                     "bs", "fp16", "flip", "tta", "seed")
+                                        if k in config))
+    click.echo(f"  result   valid_loss {_fmt(data['valid_loss'])}  accuracy {_fmt(data['accuracy'])}"
+               + (f"  tta_accuracy {data['tta_accuracy']:.4f}" if data["tta_accuracy"] is not None else ""))
+    if data["error"]:
+        click.echo(f"  error    {data['error']}")
+    click.echo(f"  artifacts {data['artifact_dir']}")
+    if data["epoch_rows"]:
+        click.echo(EPOCH_HEADER)
+        from types import SimpleNamespace
+
+        for row in data["epoch_rows"]:
+            click.echo(_epoch_line(SimpleNamespace(**row)))
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), metavar="DIR",
+              help="Where to write the reports [default: the run's folder/interpret].")
+@click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="How many top losses to list.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              envvar="FASTCLASS_DEVICE")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_options
+def interpret(opts: Options, run_id: str, out_dir: Path | None, top: int, device: str, as_json: bool) -> None:
+    """Confusion matrix, most-confused pairs, per-class accuracy and top losses of a run (losses kept for clean)."""
+    from trainer.interpret import interpret_run
+
+    with opts.session() as (catalog, session):
+        result = interpret_run(session, catalog.store, run_id, out_dir, top, device)
+    if as_json:
+        echo_json(result.as_dict())
+        return
+    click.echo(f"Run {result.run_id}: valid accuracy {result.valid_accuracy:.4f} on {result.valid_images} image(s); "
+               f"losses of all {result.images} image(s) stored (`fastclass clean --order loss --run {result.run_id}`).")
+    click.echo(f"{'label':30s} {'valid':>6s} {'correct':>8s} {'accuracy':>9s}")
+    for row in result.per_class:
+        click.echo(f"{row['label'][:30]:30s} {row['valid']:6d} {row['correct']:8d} {_fmt(row['accuracy']):>9s}")
+    if result.most_confused:
+        click.echo("Most confused (actual -> predicted):")
+        for row in result.most_confused[:10]:
+            click.echo(f"  {row['count']:5d}  {row['actual']} -> {row['predicted']}")
+    click.echo(f"Top {len(result.top_losses)} losses:")
+    for row in result.top_losses:
+        click.echo(f"  image {row['image']:<7d} {row['split']:5s} {row['label'][:20]:20s} predicted "
+                   f"{row['predicted'][:20]:20s} p={row['probability']:.3f} loss {row['loss']:.3f}")
+    click.echo(f"Reports in {result.out_dir}: " + ", ".join(sorted(Path(f).name for f in result.files.values())))
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGE_OR_DIR...")
+@click.option("--tta", is_flag=True, help="Average the predictions over test-time augmentations.")
+@click.option("--top", "top_k", type=click.IntRange(1), default=3, show_default=True, help="Classes listed per image.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              envvar="FASTCLASS_DEVICE")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
+@pass_options
+def predict(opts: Options, run_ref: str, images: tuple[Path, ...], tta: bool, top_k: int, device: str,
+            as_json: bool) -> None:
+    """Class and probability per image. RUN is a run id of the catalog, or the path of a run folder (or its
+    export.pkl; write ./1 for a folder named 1), which needs no catalog."""
+    from trainer.predict import predict_images
+
+    if run_ref.isdigit():
+        # A run id, always: a folder that happens to be named like one (class folders 0-9) must not decide
+        # which pickle runs. Give a folder as a path (./1) to use it.
+        from trainer.runs import get_run
+
+        with opts.session() as (_, session):
+            run_path = Path(get_run(session, run_ref).artifact_dir)
+    else:
+        run_path = Path(run_ref)
+        if not run_path.exists():
+            raise click.BadParameter(f"{run_ref!r} is neither a run id nor a run folder", param_hint="RUN")
+    results = predict_images(run_path, list(images), tta, device, top_k)
+    failed = [r for r in results if r.error]
+    if as_json:
+        echo_json([r.as_dict() for r in results])
+    else:
+        for r in results:
+            if r.error is None:
+                others = "  ".join(f"{name} {p:.3f}" for name, p in r.top[1:])
+                click.echo(f"{r.path}\t{r.label}\t{r.probability:.4f}" + (f"\t({others})" if others else ""))
+    for r in failed:
+        click.echo(f"Warning: {r.path}: {r.error}; skipped", err=True)
+    if failed and len(failed) == len(results):
+        raise click.ClickException("none of the files is an image that can be decoded")
