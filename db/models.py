@@ -41,7 +41,7 @@ class Base(DeclarativeBase):
 class ImageStatus(str, enum.Enum):
     """Life cycle of an image: pending until verified, then ok or rejected; deleted by review or prune.
 
-    fastclass/curate/lifecycle.py owns the transitions between them and who may make each.
+    fastclass/lifecycle.py owns the transitions between them and who may make each.
     """
 
     PENDING = "pending"

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Image, ImageStatus, Label, Source
-from fastclass.curate.lifecycle import LIVE
+from fastclass.lifecycle import LIVE
 
 STATUSES = [s.value for s in ImageStatus]
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fastclass.catalog import open_catalog
-from fastclass.curate.lifecycle import ALLOWED, TRANSITIONS, Actor, Status
+from fastclass.lifecycle import ALLOWED, TRANSITIONS, Actor, Status
 from tests.conftest import catalog_rows, photo_like, run_cli, write
 
 

@@ -166,6 +166,11 @@ def make_budget(file_timeout: float, file_memory: int):
     return Budget(file_timeout, file_memory)
 
 
+def json_option(what: str) -> Callable:
+    """The --json flag every listing command has: `@json_option("jobs")` prints the jobs as JSON."""
+    return click.option("--json", "as_json", is_flag=True, help=f"Print the {what} as JSON.")
+
+
 def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 

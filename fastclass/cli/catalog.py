@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from fastclass.cli import Options, cli, echo_json, pass_options, progress_reporter
+from fastclass.cli import Options, cli, echo_json, json_option, pass_options, progress_reporter
 
 
 @cli.command()
@@ -20,7 +20,7 @@ def init(opts: Options, store: str | None) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@json_option("counts")
 @pass_options
 def stats(opts: Options, as_json: bool) -> None:
     """Counts of images per label and status, and sources per engine."""
@@ -45,7 +45,7 @@ def stats(opts: Options, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the labels as JSON.")
+@json_option("labels")
 @pass_options
 def labels(opts: Options, as_json: bool) -> None:
     """The labels in the catalog with their image counts."""
@@ -64,7 +64,7 @@ def labels(opts: Options, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("ref", metavar="ID|SHA256|URL")
-@click.option("--json", "as_json", is_flag=True, help="Print the story as JSON.")
+@json_option("story")
 @pass_options
 def image(opts: Options, ref: str, as_json: bool) -> None:
     """One image's whole story: file, hashes, sources, status history, group, conflicts, snapshots, losses."""
@@ -108,7 +108,7 @@ def image(opts: Options, ref: str, as_json: bool) -> None:
 @click.option("--repair", is_flag=True, help="Remove orphan files; reject images whose file is missing or altered "
               "(altered bytes are moved to .quarantine/ in the store).")
 @click.option("--workers", type=click.IntRange(1, 256), help="Worker processes for hashing [default: all cores].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("result")
 @pass_options
 def check(opts: Options, repair: bool, workers: int | None, as_json: bool) -> None:
     """Re-hash every stored file against the catalog: missing, altered and orphan files."""

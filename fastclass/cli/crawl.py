@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from fastclass.cli import COUNT, Options, cli, echo_json, pass_options, progress_reporter
+from fastclass.cli import COUNT, Options, cli, echo_json, json_option, pass_options, progress_reporter
 
 
 def _parse_bytes(text: str) -> int:
@@ -49,7 +49,7 @@ def _parse_bytes(text: str) -> int:
               help="Only queue the job(s), for `fastclass worker`s on any machine to run.")
 @click.option("--allow-private", is_flag=True,
               help="Also fetch from loopback, private and link-local addresses (intranets, local test servers).")
-@click.option("--json", "as_json", is_flag=True, help="Print the job record(s) as JSON.")
+@json_option("job record(s)")
 @pass_options
 def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[str, ...], max_new: int,
           min_size: str | None, threads: int, per_host: int, filters: tuple[str, ...], pages: tuple[str, ...],
@@ -95,7 +95,7 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
                 click.echo(f"Warning: {message}", err=True)
             planned = [(None, options_for(row.query, row.label)) for row in rows]
         else:
-            from fastclass.curate.labels import normalize_label
+            from fastclass.labels import normalize_label
 
             text = query or ""
             name = normalize_label(label) if label else label_from_query(text) if text else None
@@ -153,7 +153,7 @@ def _echo_crawl(report, max_new: int) -> None:
 
 @cli.command()
 @click.option("--limit", type=COUNT, help="Only the newest N jobs.")
-@click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
+@json_option("jobs")
 @pass_options
 def jobs(opts: Options, limit: int | None, as_json: bool) -> None:
     """Crawl jobs, newest first: query, label, status and counts."""

@@ -14,6 +14,7 @@ from fastclass.cli import (
     budget_options,
     cli,
     echo_json,
+    json_option,
     make_budget,
     pass_options,
     progress_reporter,
@@ -33,7 +34,7 @@ from fastclass.cli import (
 @click.option("--prune", is_flag=True, help="Then remove the files of rejected images (rows stay, status deleted).")
 @click.option("--workers", type=click.IntRange(1, 256), help="Worker processes [default: all cores].")
 @budget_options
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("result")
 @pass_options
 def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max_aspect: float, animated: str,
            recheck: bool, prune: bool, workers: int | None, file_timeout: float, file_memory: int,
@@ -73,7 +74,7 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
 @click.option("--dry-run", is_flag=True, help="Report the groups without changing the catalog.")
 @click.option("--conflicts", "show_conflicts", is_flag=True,
               help="List the open label conflicts (claims and near-copies under two labels) and exit.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("result")
 @pass_options
 def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str | None, dry_run: bool,
           show_conflicts: bool, as_json: bool) -> None:
@@ -149,7 +150,7 @@ def clean(opts: Options, label: str | None, status: str, order: str, run: str | 
         raise click.ClickException("clean needs a terminal; in scripts use `fastclass clean --apply decisions.csv`, "
                                    "`fastclass label set` or `fastclass delete`")
     from fastclass.cli.prompt import CleanPrompt, terminal_keys
-    from fastclass.curate.labels import relabel_digits
+    from fastclass.labels import relabel_digits
     from fastclass.stats import list_labels
 
     with opts.session() as (catalog, session):
@@ -170,7 +171,7 @@ def clean(opts: Options, label: str | None, status: str, order: str, run: str | 
 @cli.command()
 @click.option("--image", "image_ref", metavar="ID|SHA", help="Only the reviews of this image.")
 @click.option("--limit", type=COUNT, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the reviews as JSON.")
+@json_option("reviews")
 @pass_options
 def reviews(opts: Options, image_ref: str | None, limit: int, as_json: bool) -> None:
     """Review decisions, newest first (the history is never rewritten)."""
@@ -215,8 +216,8 @@ def label() -> None:
 @pass_options
 def label_set(opts: Options, name: str, images: tuple[str, ...], create: bool) -> None:
     """Relabel images (ids or sha256) to NAME; all or none."""
-    from fastclass.curate.labels import did_you_mean, label_exists, normalize_label, unknown_label
     from fastclass.curate.review import decide_many
+    from fastclass.labels import did_you_mean, label_exists, normalize_label, unknown_label
 
     with opts.session() as (catalog, session):
         if not create and not label_exists(session, normalize_label(name)):
@@ -233,8 +234,8 @@ def label_set(opts: Options, name: str, images: tuple[str, ...], create: bool) -
 @pass_options
 def label_rename(opts: Options, old: str, new: str) -> None:
     """Rename a label; its images, sources, relabel digit and history stay with it."""
-    from fastclass.curate.labels import rename_label
     from fastclass.curate.review import reviewer_name
+    from fastclass.labels import rename_label
 
     with opts.session() as (_, session):
         change = rename_label(session, old, new, reviewer_name())
@@ -247,8 +248,8 @@ def label_rename(opts: Options, old: str, new: str) -> None:
 @pass_options
 def label_merge(opts: Options, source: str, target: str) -> None:
     """Move every image and claim of SOURCE to TARGET and retire SOURCE."""
-    from fastclass.curate.labels import merge_labels
     from fastclass.curate.review import reviewer_name
+    from fastclass.labels import merge_labels
 
     with opts.session() as (_, session):
         change = merge_labels(session, source, target, reviewer_name())
@@ -262,8 +263,8 @@ def label_merge(opts: Options, source: str, target: str) -> None:
 @pass_options
 def label_delete(opts: Options, name: str, force: bool) -> None:
     """Retire a label that no image carries (or, with --force, mark its images deleted)."""
-    from fastclass.curate.labels import delete_label
     from fastclass.curate.review import reviewer_name
+    from fastclass.labels import delete_label
 
     with opts.session() as (_, session):
         change = delete_label(session, name, reviewer_name(), force)
@@ -273,11 +274,11 @@ def label_delete(opts: Options, name: str, force: bool) -> None:
 
 @label.command("history")
 @click.option("--limit", type=COUNT, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
+@json_option("history")
 @pass_options
 def label_history_(opts: Options, limit: int, as_json: bool) -> None:
     """Renames, merges and deletions of labels, newest first."""
-    from fastclass.curate.labels import label_history
+    from fastclass.labels import label_history
 
     with opts.session() as (_, session):
         rows = label_history(session, limit)
@@ -303,7 +304,7 @@ def delete(opts: Options, images: tuple[str, ...]) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("result")
 @pass_options
 def prune(opts: Options, as_json: bool) -> None:
     """Remove the files of deleted and rejected images from the store (not those a snapshot holds)."""

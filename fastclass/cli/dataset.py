@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from fastclass.cli import COUNT_OR_ZERO, SEED, Options, cli, echo_json, pass_options, progress_reporter
+from fastclass.cli import COUNT_OR_ZERO, SEED, Options, cli, echo_json, json_option, pass_options, progress_reporter
 
 
 @cli.command()
@@ -16,7 +16,7 @@ from fastclass.cli import COUNT_OR_ZERO, SEED, Options, cli, echo_json, pass_opt
               "them [default: the current split's, else 1].")
 @click.option("--new", "new_split", is_flag=True, help="Start a new split with these settings instead of "
               "extending the current one (old assignments are kept for the snapshots made with them).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("result")
 @pass_options
 def split(opts: Options, valid_pct: float | None, seed: int | None, min_valid: int | None, new_split: bool,
           as_json: bool) -> None:
@@ -78,7 +78,7 @@ def _echo_snapshot(info) -> None:
               help="Leave out labels with fewer ok images.")
 @click.option("--note", metavar="TEXT", help="A note kept with the snapshot.")
 @click.option("--allow-conflicts", is_flag=True, help="Leave out images with open label conflicts instead of refusing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
+@json_option("snapshot")
 @pass_options
 def snapshot_create(opts: Options, name: str, labels: tuple[str, ...], min_per_label: int, note: str | None,
                     allow_conflicts: bool, as_json: bool) -> None:
@@ -97,7 +97,7 @@ def snapshot_create(opts: Options, name: str, labels: tuple[str, ...], min_per_l
 
 
 @snapshot.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the snapshots as JSON.")
+@json_option("snapshots")
 @pass_options
 def snapshot_list(opts: Options, as_json: bool) -> None:
     """The snapshots in the catalog, oldest first."""
@@ -118,7 +118,7 @@ def snapshot_list(opts: Options, as_json: bool) -> None:
 @snapshot.command("show")
 @click.argument("name")
 @click.option("--content", is_flag=True, help="Also re-hash every file of the snapshot (a content-level check).")
-@click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
+@json_option("snapshot")
 @pass_options
 def snapshot_show(opts: Options, name: str, content: bool, as_json: bool) -> None:
     """A snapshot with its per-label counts and an integrity check of its rows (and files, with --content)."""
@@ -143,7 +143,7 @@ def snapshot_show(opts: Options, name: str, content: bool, as_json: bool) -> Non
 @snapshot.command("diff")
 @click.argument("old")
 @click.argument("new")
-@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+@json_option("differences")
 @pass_options
 def snapshot_diff(opts: Options, old: str, new: str, as_json: bool) -> None:
     """What changed from snapshot OLD to snapshot NEW: added, removed, relabelled, moved between splits."""
@@ -173,7 +173,7 @@ def snapshot_diff(opts: Options, old: str, new: str, as_json: bool) -> None:
               help="imagefolder: DIR/{train,valid}/<label>/; csv: DIR/labels.csv (path,label,is_valid) + DIR/images/.")
 @click.option("--link", is_flag=True, help="Hard links into the store instead of copies: no space used, but "
               "an editor that saves over an exported file in place then rewrites the store's bytes.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("result")
 @pass_options
 def snapshot_export(opts: Options, name: str, directory: Path, fmt: str, link: bool, as_json: bool) -> None:
     """Write a snapshot's images to a new folder (copies, or reflinks where the file system has them)."""

@@ -5,7 +5,16 @@ from pathlib import Path
 
 import click
 
-from fastclass.cli import Options, budget_options, cli, echo_json, make_budget, pass_options, progress_reporter
+from fastclass.cli import (
+    Options,
+    budget_options,
+    cli,
+    echo_json,
+    json_option,
+    make_budget,
+    pass_options,
+    progress_reporter,
+)
 
 
 @cli.command("import")
@@ -13,7 +22,7 @@ from fastclass.cli import Options, budget_options, cli, echo_json, make_budget, 
 @click.option("--label", metavar="NAME", help="One label for every file (a flat folder); else DIR/<label>/<files>.")
 @click.option("--workers", type=click.IntRange(1, 256), help="Worker processes for hashing [default: all cores].")
 @budget_options
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("result")
 @pass_options
 def import_(opts: Options, directory: Path, label: str | None, workers: int | None, file_timeout: float,
             file_memory: int, as_json: bool) -> None:

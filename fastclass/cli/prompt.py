@@ -20,9 +20,9 @@ import click
 from sqlalchemy.orm import Session
 
 from fastclass.cli.preview import detect_protocol, load_for_preview, render
-from fastclass.curate.labels import did_you_mean, label_exists, relabel_digits
 from fastclass.curate.review import Decision, decide, image_card, reviewed_ids, undo
 from fastclass.errors import FastclassError
+from fastclass.labels import did_you_mean, label_exists, relabel_digits
 from fastclass.store import ImageStore
 from fastclass.text import printable
 

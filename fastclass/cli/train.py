@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from fastclass.cli import COUNT, SEED, Options, cli, echo_json, log, pass_options, progress_reporter
+from fastclass.cli import COUNT, SEED, Options, cli, echo_json, json_option, log, pass_options, progress_reporter
 
 
 def _runs_root(catalog) -> Path:
@@ -80,7 +80,7 @@ def _epoch_line(row) -> str:
               help="Decode and presize every image once into cache/ beside runs/ [default: on with a GPU].")
 @click.option("--nproc", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Processes (one per GPU) for distributed data-parallel training, launched with torchrun.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("result")
 @pass_options
 def train(opts: Options, snapshot_name: str, arch: str, pretrained: bool, weights_file: Path | None, epochs: int,
           freeze_epochs: int, lr_text: str, lr_mult: float, fp16: bool | None, size: int, sizes: str | None,
@@ -161,7 +161,7 @@ def _launch_processes(ctx: click.Context, opts: Options, nproc: int) -> None:
 
 @cli.group(invoke_without_command=True)
 @click.option("--limit", type=COUNT, help="Only the newest N runs.")
-@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@json_option("runs")
 @click.pass_context
 def runs(ctx: click.Context, limit: int | None, as_json: bool) -> None:
     """Training runs, newest first: snapshot, architecture, status and final metrics."""
@@ -186,7 +186,7 @@ def runs(ctx: click.Context, limit: int | None, as_json: bool) -> None:
 
 @runs.command("show")
 @click.argument("run_id", metavar="RUN")
-@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@json_option("run")
 @pass_options
 def runs_show(opts: Options, run_id: str, as_json: bool) -> None:
     """One run: config, code version, device, and every epoch's metrics."""
@@ -226,7 +226,7 @@ def runs_show(opts: Options, run_id: str, as_json: bool) -> None:
 @click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="How many top losses to list.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               envvar="FASTCLASS_DEVICE")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("result")
 @pass_options
 def interpret(opts: Options, run_id: str, out_dir: Path | None, top: int, device: str, as_json: bool) -> None:
     """Confusion matrix, most-confused pairs, per-class accuracy and top losses of a run (losses kept for clean)."""
@@ -260,7 +260,7 @@ def interpret(opts: Options, run_id: str, out_dir: Path | None, top: int, device
 @click.option("--top", "top_k", type=click.IntRange(1), default=3, show_default=True, help="Classes listed per image.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               envvar="FASTCLASS_DEVICE")
-@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
+@json_option("predictions")
 @pass_options
 def predict(opts: Options, run_ref: str, images: tuple[Path, ...], tta: bool, top_k: int, device: str,
             as_json: bool) -> None:

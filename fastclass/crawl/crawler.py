@@ -32,7 +32,6 @@ from fastclass.crawl.engines import EngineProblem, EngineRequest, Hit, get_engin
 from fastclass.crawl.fetch import Fetcher, FetchFailed, Stopped, http_url
 from fastclass.crawl.jobs import job_params
 from fastclass.crawl.options import CrawlOptions
-from fastclass.curate.labels import label_ids
 from fastclass.errors import FastclassError
 from fastclass.ingest.analyze import ImageFacts, NotAnImage, analyze_bytes, reason_kind
 from fastclass.ingest.record import (
@@ -44,6 +43,7 @@ from fastclass.ingest.record import (
     open_claim_conflicts,
     serialize_writes,
 )
+from fastclass.labels import label_ids
 from fastclass.store import ImageStore, StoredFile
 from fastclass.workers import IsolatedPool
 

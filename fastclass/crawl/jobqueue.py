@@ -26,7 +26,7 @@ from fastclass.catalog import Catalog
 from fastclass.crawl.crawler import CrawlReport, check_options, run_crawl
 from fastclass.crawl.jobs import job_params
 from fastclass.crawl.options import CrawlOptions
-from fastclass.curate.labels import label_ids
+from fastclass.labels import label_ids
 
 log = logging.getLogger(__name__)
 

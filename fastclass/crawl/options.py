@@ -7,9 +7,9 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastclass.curate.labels import normalize_label
 from fastclass.errors import FastclassError
 from fastclass.ingest import MAX_BYTES as DEFAULT_MAX_BYTES
+from fastclass.labels import normalize_label
 from fastclass.text import csv_records, printable
 
 

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Image
-from fastclass.curate.lifecycle import Actor, Status, move
+from fastclass.lifecycle import Actor, Status, move, snapshots_holding
 from fastclass.workers import map_in_workers
 
 QUARANTINE = ".quarantine"
@@ -92,8 +92,6 @@ def find_damage(store, rows: Sequence[tuple[int, str, str]], present: set[str], 
 def check_store(session: Session, store, repair: bool = False, workers: int | None = None,
                 progress: Progress | None = None) -> CheckResult:
     """Compare every stored file with its catalog row; with repair, fix what can be fixed (commits)."""
-    from fastclass.dataset.snapshot import snapshots_holding
-
     rows = session.execute(select(Image.id, Image.sha256, Image.store_path, Image.status)).all()
     result = CheckResult(rows=len(rows))
     present = set(store.iter_files())

@@ -21,10 +21,10 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from db.models import DuplicateGroup, Image, ImageHash, Label, Source
-from fastclass.curate.labels import existing_label_id, label_names
-from fastclass.curate.lifecycle import LIVE, Actor, Conflict, Status, move
 from fastclass.errors import FastclassError
 from fastclass.ingest.hashes import HASH_KINDS
+from fastclass.labels import existing_label_id, label_names
+from fastclass.lifecycle import LIVE, Actor, Conflict, Status, move
 
 MAX_CHUNK_BITS = 23  # a 2^23-entry table per chunk is 64 MiB of counts and offsets
 ELIGIBLE = ("pending", "ok", "duplicate")

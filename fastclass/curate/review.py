@@ -17,9 +17,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Image, Label, Review, RunLoss, Source, TrainingRun, utcnow
-from fastclass.curate.labels import existing_label_id, label_exists, label_ids, normalize_label, unknown_label
-from fastclass.curate.lifecycle import LIVE
 from fastclass.errors import FastclassError, NotFoundError
+from fastclass.labels import existing_label_id, label_exists, label_ids, normalize_label, unknown_label
+from fastclass.lifecycle import LIVE
 from fastclass.text import csv_records, parse_id
 
 ACTIONS = ("keep", "delete", "relabel")
@@ -135,7 +135,7 @@ def decide(session: Session, store, image_id: int, action: str, label: str | Non
     which must exist unless create_label. Every decision closes an open label conflict on the image.
     `seen` is the (status, label id) the reviewer was shown: the decision is refused if it changed since.
     """
-    from fastclass.curate.lifecycle import Actor, allowed
+    from fastclass.lifecycle import Actor, allowed
 
     if action not in ACTIONS:
         raise FastclassError(f"unknown action {action!r}; use one of: {', '.join(ACTIONS)}")

@@ -5,9 +5,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import DuplicateGroup, Image, ImageHash, RunLoss, Snapshot, SnapshotItem, Source
-from fastclass.curate.labels import label_names
 from fastclass.curate.review import find_image, list_reviews
 from fastclass.errors import NotFoundError
+from fastclass.labels import label_names
 
 
 def resolve_image(session: Session, ref: str) -> Image:

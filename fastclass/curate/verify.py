@@ -14,11 +14,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
-from fastclass.curate.labels import existing_label_id
-from fastclass.curate.lifecycle import Actor, Status, move, move_each, take_write_lock
 from fastclass.errors import FastclassError
 from fastclass.ingest import MAX_PIXELS
 from fastclass.ingest.analyze import decode_reason, reason_kind
+from fastclass.labels import existing_label_id
+from fastclass.lifecycle import Actor, Status, move, move_each, snapshots_holding, take_write_lock
 from fastclass.store import ImageStore
 from fastclass.workers import Budget, IsolatedPool
 
@@ -230,8 +230,6 @@ def prune_rejected(session: Session, store: ImageStore) -> PruneResult:
     Pruned rows stay (status deleted, reason kept). A rejected image that a snapshot holds keeps its file
     and its status: snapshots must stay exportable and trainable.
     """
-    from fastclass.dataset.snapshot import snapshots_holding
-
     result = PruneResult()
     candidates = session.execute(select(ImageRow.id, ImageRow.status, ImageRow.store_path)
                                  .where(ImageRow.status.in_(("rejected", "deleted")))).all()

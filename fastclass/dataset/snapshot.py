@@ -274,20 +274,6 @@ def delete_snapshot(session: Session, name: str) -> None:
     session.execute(delete(Snapshot).where(Snapshot.id == snap.id))
 
 
-def snapshots_holding(session: Session, image_ids: Iterable[int]) -> dict[int, list[str]]:
-    """For each of the given images that any snapshot holds, the names of those snapshots."""
-    held: dict[int, list[str]] = defaultdict(list)
-    ids = list(image_ids)
-    for start in range(0, len(ids), 500):
-        rows = session.execute(select(SnapshotItem.image_id, Snapshot.name)
-                               .join(Snapshot, Snapshot.id == SnapshotItem.snapshot_id)
-                               .where(SnapshotItem.image_id.in_(ids[start:start + 500]))
-                               .order_by(Snapshot.name)).all()
-        for image_id, snap_name in rows:
-            held[image_id].append(snap_name)
-    return dict(held)
-
-
 @dataclass
 class ExportResult:
     name: str

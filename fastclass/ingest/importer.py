@@ -11,10 +11,10 @@ from typing import Callable, Iterator
 from sqlalchemy.orm import Session
 
 from fastclass.catalog import is_recorded_in
-from fastclass.curate.labels import normalize_label
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.ingest.analyze import DEFAULT_MAX_BYTES, NotAnImage, prepare_bytes, read_capped
 from fastclass.ingest.record import PreparedImage, RecordResult, SourceInfo, commit_batch
+from fastclass.labels import normalize_label
 from fastclass.store import ImageStore, S3ImageStore, StoreError
 from fastclass.text import printable
 from fastclass.workers import Budget, IsolatedPool

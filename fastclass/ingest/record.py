@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session
 from db.models import Image as ImageRow
 from db.models import ImageHash, Review, Source, utcnow
 from fastclass.catalog import is_recorded_in
-from fastclass.curate.labels import label_ids
-from fastclass.curate.lifecycle import LIVE, Conflict, take_write_lock
 from fastclass.ingest import MAX_PIXELS
 from fastclass.ingest.hashes import HASH_KINDS
+from fastclass.labels import label_ids
+from fastclass.lifecycle import LIVE, Conflict, take_write_lock
 from fastclass.store import ImageStore, StoredFile
 
 if TYPE_CHECKING:

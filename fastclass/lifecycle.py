@@ -14,13 +14,14 @@ and a reviewer's keep of a duplicate or deleted image checks them inside the sam
 from __future__ import annotations
 
 import enum
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Collection, Iterable, Sequence
 
-from sqlalchemy import and_, bindparam, update
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Image, ImageStatus, utcnow
+from db.models import Image, ImageStatus, Snapshot, SnapshotItem, utcnow
 from fastclass.errors import FastclassError
 
 Status = ImageStatus
@@ -151,3 +152,18 @@ def take_write_lock(session: Session) -> None:
     look-ups take an advisory lock."""
     if session.get_bind().dialect.name == "sqlite":
         session.execute(update(Image).where(Image.id == -1).values(status=Image.status))
+
+
+def snapshots_holding(session: Session, image_ids: Iterable[int]) -> dict[int, list[str]]:
+    """For each of the given images that any snapshot holds, the names of those snapshots: their files
+    must stay (prune and check --repair keep them), since a snapshot never changes."""
+    held: dict[int, list[str]] = defaultdict(list)
+    ids = list(image_ids)
+    for start in range(0, len(ids), 500):
+        rows = session.execute(select(SnapshotItem.image_id, Snapshot.name)
+                               .join(Snapshot, Snapshot.id == SnapshotItem.snapshot_id)
+                               .where(SnapshotItem.image_id.in_(ids[start:start + 500]))
+                               .order_by(Snapshot.name)).all()
+        for image_id, snap_name in rows:
+            held[image_id].append(snap_name)
+    return dict(held)

@@ -12,8 +12,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import CrawlJob, Image, Label, LabelEvent, Review, Source, utcnow
-from fastclass.curate.lifecycle import LIVE, Actor, Conflict, move
 from fastclass.errors import FastclassError, NotFoundError
+from fastclass.lifecycle import LIVE, Actor, Conflict, move
 from fastclass.text import printable
 
 MAX_LABEL_LENGTH = 100

@@ -1,0 +1,50 @@
+"""The tree shows the pipeline: each stage imports only the stages before it and the shared modules, and
+the shared modules import no stage (docs/architecture.md, "Who may import whom")."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["crawl", "ingest", "curate", "dataset", "cli"]
+# What each stage may import besides the shared modules (an image walks crawl -> ingest -> curate -> dataset).
+MAY_IMPORT = {"crawl": {"ingest"}, "ingest": set(), "curate": {"ingest"}, "dataset": {"curate", "ingest"},
+              "cli": set(STAGES)}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "fastclass" and parts[1] in STAGES else None
+
+
+def test_stages_import_only_earlier_stages_and_shared_modules_import_no_stage():
+    wrong = []
+    for path in sorted((ROOT / "fastclass").rglob("*.py")):
+        rel = path.relative_to(ROOT / "fastclass")
+        own = rel.parts[0] if len(rel.parts) > 1 else "cli" if rel.name == "__main__.py" else None
+        allowed = MAY_IMPORT.get(own, set()) | ({own} if own else set())
+        for module in imported_modules(path):
+            stage = stage_of(module)
+            if stage and stage not in allowed:
+                wrong.append(f"fastclass/{rel} imports {module}")
+    for path in sorted((ROOT / "trainer").rglob("*.py")):
+        for module in imported_modules(path):
+            if stage_of(module) not in (None, "dataset"):
+                wrong.append(f"trainer/{path.name} imports {module}")
+    assert wrong == []
+
+
+def test_db_imports_nothing_of_ours():
+    for path in sorted((ROOT / "db").rglob("*.py")):
+        assert not {m for m in imported_modules(path) if m.split(".")[0] in ("fastclass", "trainer")}, path
