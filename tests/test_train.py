@@ -229,7 +229,8 @@ def test_a_missing_image_file_fails_before_training(tmp_path):
 
 def test_bad_options_are_refused_before_training(trained):
     cases = [
-        (["--arch", "resnet19"], "Error: unknown architecture 'resnet19'; use one of: convnext_base, "),
+        (["--arch", "resnet19"], "Error: unknown architecture 'resnet19' (did you mean 'resnet18'?); use one of: "
+                                 "convnext_base, "),
         (["--lr", "fast"], "Error: Invalid value for --lr: 'fast' is neither a number nor auto"),
         (["--fp16"], "Error: --fp16 needs a CUDA GPU; on the CPU train with --no-fp16 (the default there)"),
         (["--epochs", "0", "--freeze-epochs", "0"], "Error: --epochs and --freeze-epochs cannot be negative"),

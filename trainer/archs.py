@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fastclass.errors import FastclassError
+from fastclass.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,11 @@ class ArchSpec:
     stats: tuple[list[float], list[float]] = (IMAGENET_STATS[0], IMAGENET_STATS[1])
 
 
-ARCHS: dict[str, ArchSpec] = {}
+ARCHS: Registry[ArchSpec] = Registry("architecture")
 
 
 def register_arch(spec: ArchSpec) -> ArchSpec:
-    ARCHS[spec.name] = spec
-    return spec
+    return ARCHS.register(spec.name, spec)
 
 
 def _fastai_split(name: str) -> Callable:
@@ -68,10 +68,6 @@ register_torchvision("efficientnet_b0 efficientnet_b1 efficientnet_b2 efficientn
                      "convnext_base regnet_y_400mf regnet_y_800mf regnet_y_1_6gf regnet_y_3_2gf", cut=-2)
 
 
-def arch_names() -> list[str]:
-    return sorted(ARCHS)
-
-
 def get_arch(name: str) -> ArchSpec:
     """A registered architecture, or any timm model name when timm is installed."""
     if name in ARCHS:
@@ -84,8 +80,7 @@ def get_arch(name: str) -> ArchSpec:
         cfg = timm.get_pretrained_cfg(name)
         stats = (list(cfg.mean), list(cfg.std)) if cfg is not None else IMAGENET_STATS
         return ArchSpec(name, "timm", None, None, stats)
-    hint = "" if timm is not None else " (or a timm model name once `pip install timm` is done)"
-    raise FastclassError(f"unknown architecture {name!r}; use one of: {', '.join(arch_names())}{hint}")
+    return ARCHS.lookup(name, "" if timm is not None else " (or a timm model name once `pip install timm` is done)")
 
 
 @dataclass

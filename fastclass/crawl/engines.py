@@ -23,6 +23,7 @@ import requests
 
 from fastclass.crawl.fetch import http_url
 from fastclass.errors import FastclassError
+from fastclass.registry import Registry
 from fastclass.text import printable, read_text_file
 
 log = logging.getLogger(__name__)
@@ -71,20 +72,15 @@ class Engine:
     needs_query: bool = True
 
 
-ENGINES: dict[str, Engine] = {}
 DEFAULT_ENGINES = ("bing", "baidu", "google")
 
 
 def register_engine(engine: Engine) -> Engine:
-    ENGINES[engine.name] = engine
-    return engine
+    return ENGINES.register(engine.name, engine)
 
 
 def get_engine(name: str) -> Engine:
-    try:
-        return ENGINES[name]
-    except KeyError:
-        raise FastclassError(f"unknown engine {name!r}; use one of: {', '.join(sorted(ENGINES))}") from None
+    return ENGINES.lookup(name)
 
 
 def _icrawler(component_cls, session: requests.Session):
@@ -316,4 +312,4 @@ def _register_builtin() -> None:
                            needs_query=False))
 
 
-_register_builtin()
+ENGINES: Registry[Engine] = Registry("engine", load=_register_builtin)

@@ -8,6 +8,8 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dct
 
+from fastclass.registry import Registry
+
 
 class HashInput:
     """A reduced grayscale image plus the intermediate results that several hash kinds share."""
@@ -37,14 +39,14 @@ class HashKind:
     compute: HashFunction
 
 
-HASH_KINDS: dict[str, HashKind] = {}
+HASH_KINDS: Registry[HashKind] = Registry("hash kind")
 
 
 def register_hash(name: str, version: int) -> Callable[[HashFunction], HashFunction]:
     """Register a hash kind; bump `version` whenever its output for the same image changes."""
 
     def decorate(fn: HashFunction) -> HashFunction:
-        HASH_KINDS[name] = HashKind(name, version, fn)
+        HASH_KINDS.register(name, HashKind(name, version, fn))
         return fn
 
     return decorate
