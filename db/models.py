@@ -17,8 +17,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    false as sa_false,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
@@ -49,6 +49,11 @@ class ImageStatus(str, enum.Enum):
     REJECTED = "rejected"
     DUPLICATE = "duplicate"
     DELETED = "deleted"
+
+    def __str__(self) -> str:  # the value in messages and f-strings, as the catalog stores it
+        return self.value
+
+    __format__ = str.__format__
 
 
 class Setting(Base):

@@ -15,7 +15,7 @@ from db import CatalogError, SchemaState, check_schema, open_engine, session_sco
 from db.engine import display_url
 from db.models import Image, Setting
 from fastclass.errors import FastclassError
-from fastclass.store import ImageStore, S3ImageStore, StoreError, open_store
+from fastclass.store import ImageStore, Store, StoreError, open_store
 
 DEFAULT_CATALOG = "fastclass.db"
 DEFAULT_STORE = "images"
@@ -54,7 +54,7 @@ def is_recorded_in(session: Session):
 class Catalog:
     location: str
     engine: Engine
-    store: ImageStore | S3ImageStore
+    store: Store
 
     @property
     def work_dir(self) -> Path:
@@ -134,8 +134,6 @@ def init_catalog(location: str, store: str | None = None) -> InitResult:
                     "missing; restore the folder, or if it moved, point the catalog at it with "
                     "`fastclass init --store NEW_PATH`")
         target.create()
-    except StoreError as exc:
-        raise FastclassError(str(exc)) from exc
     except SQLAlchemyError as exc:
         raise FastclassError(f"cannot initialise catalog {_shown(location)}: {_first_line(exc)}") from exc
     finally:
@@ -144,7 +142,7 @@ def init_catalog(location: str, store: str | None = None) -> InitResult:
                       upgraded=state is SchemaState.OUTDATED)
 
 
-def _store_exists(store: ImageStore | S3ImageStore) -> bool:
+def _store_exists(store: Store) -> bool:
     try:
         store.check()
     except StoreError:
@@ -203,9 +201,6 @@ def open_catalog(location: str) -> Catalog:
             store = open_store(str(_resolve_store(location, setting)))
             store.check()
             store.clear_stale_temp(is_recorded_in(session))
-    except StoreError as exc:
-        engine.dispose()
-        raise FastclassError(str(exc)) from exc
     except BaseException:
         engine.dispose()
         raise

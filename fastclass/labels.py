@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from db.models import CrawlJob, Image, Label, LabelEvent, Review, Source, utcnow
 from fastclass.errors import FastclassError, NotFoundError
-from fastclass.lifecycle import LIVE, Actor, Conflict, move
+from fastclass.lifecycle import LIVE, Actor, Conflict, Status, move
 from fastclass.text import printable
 
 MAX_LABEL_LENGTH = 100
@@ -188,9 +188,9 @@ def delete_label(session: Session, name: str, reviewer: str, force: bool = False
     live = [image_id for image_id, status in rows if status in LIVE]
     statuses = dict(rows)
     for image_id in live:
-        session.add(Review(image_id=image_id, action="delete", old_status=statuses[image_id], new_status="deleted",
+        session.add(Review(image_id=image_id, action="delete", old_status=statuses[image_id], new_status=Status.DELETED,
                            old_label_id=label.id, new_label_id=label.id, reviewer=reviewer))
-    deleted = move(session, Actor.REVIEWER, live, LIVE, "deleted", reason="deleted by review", reviewed=True,
+    deleted = move(session, Actor.REVIEWER, live, LIVE, Status.DELETED, reason="deleted by review", reviewed=True,
                    conflict=None)
     claims = session.execute(delete(Source).where(Source.label_id == label.id, Source.image_id.not_in(
         select(Image.id).where(Image.label_id == label.id)))).rowcount

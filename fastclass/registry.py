@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import threading
 from typing import Callable, Generic, Iterator, Mapping, TypeVar
 
 from fastclass.errors import FastclassError
@@ -17,6 +18,7 @@ class Registry(Mapping[str, T], Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._load = load
+        self._lock = threading.Lock()
 
     def register(self, name: str, item: T) -> T:
         self._items[name] = item
@@ -34,8 +36,11 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def _entries(self) -> dict[str, T]:
         if self._load is not None:
-            load, self._load = self._load, None
-            load()
+            # Threads (a worker's concurrent jobs) may ask at once: one loads, the others wait for it.
+            with self._lock:
+                if self._load is not None:
+                    self._load()
+                    self._load = None
         return self._items
 
     def __getitem__(self, name: str) -> T:

@@ -109,7 +109,59 @@ def host_name() -> str:
     return socket.gethostname().replace(".", "_") or "host"
 
 
-class ImageStore:
+class Store:
+    """What every store shares: the crash-safe workflow around writes. A write leaves a temp entry (a twin
+    file, or a marker object on S3) named by its sha256, host and pid until the caller has committed the
+    catalog rows and calls `release`; `discard` undoes writes whose rows were not committed, and
+    `clear_stale_temp` (run when a store is opened) clears what dead writers on this host left behind.
+    Subclasses provide the primitives: `_temp_entries`, `_remove_temps`, `_remove_finals`."""
+
+    root: object
+    _host: str
+
+    def release(self, files: Iterable[StoredFile]) -> None:
+        """Drop the temp entries of files whose catalog rows are committed."""
+        self._remove_temps([stored.temp for stored in files if stored.temp is not None])
+
+    def discard(self, files: Iterable[StoredFile], is_recorded: Callable[[str], bool]) -> None:
+        """Undo puts whose rows were not committed (rollback, interrupt): remove unclaimed final files.
+
+        The catalog is asked first: if it cannot answer, the temp entries stay (and the error propagates),
+        so the next open's clear_stale_temp still finds and clears these files."""
+        files = list(files)
+        recorded = {f.sha256 for f in files if is_recorded(f.sha256)}
+        self.release(files)
+        self._remove_orphans({f.sha256 for f in files} - recorded, lambda sha: False)
+
+    def clear_stale_temp(self, is_recorded: Callable[[str], bool]) -> int:
+        """Remove what crashed writers on this host left behind; returns the number of temp entries cleared."""
+        stale = [(temp, sha) for temp, sha, host, pid in self._temp_entries()
+                 if pid < 0 or (host == self._host and not pid_alive(pid))]
+        self._remove_temps([temp for temp, _ in stale])
+        self._remove_orphans({sha for _, sha in stale if sha}, is_recorded)
+        if stale:
+            log.info("cleared %d temp entr(ies) left by an interrupted run in %s", len(stale), self.root)
+        return len(stale)
+
+    def _remove_orphans(self, shas: set[str], is_recorded: Callable[[str], bool]) -> None:
+        # A final file is an orphan when no row claims it and no live writer still holds a temp entry for it.
+        held = {sha for _, sha, host, pid in self._temp_entries()
+                if pid >= 0 and (host != self._host or pid_alive(pid))}
+        for sha in shas:
+            if sha not in held and not is_recorded(sha):
+                self._remove_finals(sha)
+
+    def _temp_entries(self) -> list[tuple]:
+        raise NotImplementedError
+
+    def _remove_temps(self, temps: Iterable) -> None:
+        raise NotImplementedError
+
+    def _remove_finals(self, sha256: str) -> None:
+        raise NotImplementedError
+
+
+class ImageStore(Store):
     """A local (or network-mounted) folder holding image bytes by content hash."""
 
     def __init__(self, root: Path) -> None:
@@ -170,53 +222,19 @@ class ImageStore:
         finally:
             staging.unlink(missing_ok=True)  # already gone once renamed into place
 
-    def release(self, files: Iterable[StoredFile]) -> None:
-        """Drop the temp twins of files whose catalog rows are committed."""
-        for stored in files:
-            if stored.temp is not None:
-                try:
-                    os.unlink(stored.temp)
-                except FileNotFoundError:
-                    pass
-
-    def discard(self, files: Iterable[StoredFile], is_recorded: Callable[[str], bool]) -> None:
-        """Undo puts whose rows were not committed (rollback, interrupt): remove unclaimed final files.
-
-        The catalog is asked first: if it cannot answer, the temp twins stay (and the error propagates),
-        so the next open's clear_stale_temp still finds and clears these files."""
-        files = list(files)
-        recorded = {f.sha256 for f in files if is_recorded(f.sha256)}
-        self.release(files)
-        self._remove_orphans({f.sha256 for f in files} - recorded, lambda sha: False)
-
-    def clear_stale_temp(self, is_recorded: Callable[[str], bool]) -> int:
-        """Remove what crashed writers on this host left behind; returns the number of temp files cleared."""
-        stale = [(temp, sha) for temp, sha, host, pid in self._temp_entries()
-                 if pid < 0 or (host == self._host and not pid_alive(pid))]
-        for temp, _ in stale:  # a copy-mode staging file (<twin>.copy) is an entry of its own
-            temp.unlink(missing_ok=True)
-        self._remove_orphans({sha for _, sha in stale if sha}, is_recorded)
-        if stale:
-            log.info("cleared %d temp file(s) left by an interrupted run in %s", len(stale), self.temp_dir)
-        return len(stale)
-
-    def _remove_orphans(self, shas: set[str], is_recorded: Callable[[str], bool]) -> None:
-        # A final file is an orphan when no row claims it and no live writer still holds a twin for it.
-        held = self._held_by_live_writers()
-        for sha in shas:
-            if sha not in held and not is_recorded(sha):
-                for final in (self.root / sha[:2]).glob(f"{sha}.*"):
-                    final.unlink(missing_ok=True)
-
     def _temp_entries(self) -> list[tuple[Path, str, str, int]]:
         """(path, sha256, host, pid) of each temp file; pid -1 for a name that is not ours."""
         if not self.temp_dir.is_dir():
             return []
         return [(temp, *parse_temp_name(temp.name)) for temp in self.temp_dir.iterdir()]
 
-    def _held_by_live_writers(self) -> set[str]:
-        return {sha for temp, sha, host, pid in self._temp_entries()
-                if pid >= 0 and (host != self._host or pid_alive(pid))}
+    def _remove_temps(self, temps: Iterable[Path]) -> None:
+        for temp in temps:  # a copy-mode staging file (<twin>.copy) is an entry of its own
+            Path(temp).unlink(missing_ok=True)
+
+    def _remove_finals(self, sha256: str) -> None:
+        for final in (self.root / sha256[:2]).glob(f"{sha256}.*"):
+            final.unlink(missing_ok=True)
 
     def remove(self, relpath: str) -> None:
         (self.root / relpath).unlink(missing_ok=True)
@@ -232,7 +250,7 @@ class ImageStore:
 S3_MARKER = ".fastclass-store"
 
 
-class S3ImageStore:
+class S3ImageStore(Store):
     """The store on S3-compatible object storage: s3://bucket/prefix/ab/<sha256>.<ext>.
 
     Credentials and endpoint come from the standard AWS environment and config (AWS_ENDPOINT_URL for a
@@ -337,35 +355,18 @@ class S3ImageStore:
             raise self._fail("write to", exc) from exc
         return StoredFile(sha256, rel, marker)
 
-    def release(self, files: Iterable[StoredFile]) -> None:
-        self._remove_objects([stored.temp for stored in files if stored.temp is not None])
-
-    def discard(self, files: Iterable[StoredFile], is_recorded: Callable[[str], bool]) -> None:
-        files = list(files)
-        self.release(files)
-        self._remove_orphans({f.sha256 for f in files}, is_recorded)
-
-    def clear_stale_temp(self, is_recorded: Callable[[str], bool]) -> int:
-        stale = [(marker, sha) for marker, sha, host, pid in self._markers()
-                 if pid < 0 or (host == self._host and not pid_alive(pid))]
-        self._remove_objects([marker for marker, _ in stale])
-        self._remove_orphans({sha for _, sha in stale if sha}, is_recorded)
-        if stale:
-            log.info("cleared %d marker(s) left by an interrupted run in %s", len(stale), self.root)
-        return len(stale)
-
-    def _markers(self) -> list[tuple[str, str, str, int]]:
+    def _temp_entries(self) -> list[tuple[str, str, str, int]]:
         try:
             keys = self.fs.ls(self._object(TEMP_DIR), detail=False)
         except FileNotFoundError:
             return []
         return [(key, *parse_temp_name(key.rsplit("/", 1)[-1])) for key in keys]
 
-    def _remove_orphans(self, shas: set[str], is_recorded: Callable[[str], bool]) -> None:
-        held = {sha for _, sha, host, pid in self._markers() if pid >= 0 and (host != self._host or pid_alive(pid))}
-        for sha in shas:
-            if sha not in held and not is_recorded(sha):
-                self._remove_objects(self.fs.glob(self._object(f"{sha[:2]}/{sha}.*")))
+    def _remove_temps(self, temps: Iterable[str]) -> None:
+        self._remove_objects(list(temps))
+
+    def _remove_finals(self, sha256: str) -> None:
+        self._remove_objects(self.fs.glob(self._object(f"{sha256[:2]}/{sha256}.*")))
 
     def _remove_objects(self, keys: list[str]) -> None:
         if keys:
@@ -389,7 +390,7 @@ class S3ImageStore:
                 yield rel
 
 
-def open_store(location: str) -> ImageStore | S3ImageStore:
+def open_store(location: str) -> Store:
     """The store at a folder path or an s3:// URL."""
     if location.startswith("s3://"):
         return S3ImageStore(location)

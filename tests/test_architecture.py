@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["crawl", "ingest", "curate", "dataset", "cli"]
 # What each stage may import besides the shared modules (an image walks crawl -> ingest -> curate -> dataset).
@@ -76,3 +78,30 @@ def test_setup_cfg_declares_what_the_code_imports():
                 if DISTRIBUTION.get(top, top).lower() not in declared:
                     missing.add(f"{top} (imported by {path.relative_to(ROOT)})")
     assert sorted(missing) == []
+
+
+def test_a_registry_loads_its_built_ins_once_even_when_threads_ask_at_once():
+    import threading
+    import time
+
+    from fastclass.errors import FastclassError
+    from fastclass.registry import Registry
+
+    loads = []
+
+    def load() -> None:
+        loads.append(1)
+        time.sleep(0.05)
+        registry.register("bing", "the bing engine")
+
+    registry: Registry[str] = Registry("engine", load=load)
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(registry.lookup("bing"))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == ["the bing engine"] * 8 and loads == [1]
+    with pytest.raises(FastclassError) as refused:
+        registry.lookup("bong")
+    assert str(refused.value) == "unknown engine 'bong' (did you mean 'bing'?); use one of: bing"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fastclass.catalog import open_catalog
 from fastclass.cli.preview import detect_protocol, halfblock, render
-from tests.conftest import add_images, catalog_rows, photo_like, run_cli
+from tests.helpers import add_images, catalog_rows, photo_like, run_cli
 
 ENV = {"TERM": "xterm-256color", "COLORTERM": "truecolor", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
        "FASTCLASS_REVIEWER": "tester", "LANG": "C.UTF-8"}

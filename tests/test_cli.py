@@ -9,7 +9,7 @@ import pytest
 
 from db.engine import display_url
 from fastclass.cli import cli
-from tests.conftest import photo_like, run_cli
+from tests.helpers import photo_like, run_cli
 
 
 def test_init_then_stats_on_an_empty_catalog(tmp_path):

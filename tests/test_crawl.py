@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import catalog_rows, photo_like, run_cli
+from tests.helpers import catalog_rows, photo_like, run_cli
 from tests.webserver import EngineSite
 
 
@@ -31,38 +31,49 @@ def crawl(catalog: str, site: EngineSite, *args: str, engine: str = "bing"):
     return run_cli(["crawl", *args, "--engine", engine, "--engine-url", f"{engine}={site.base}", "--json"], catalog)
 
 
-def test_each_engine_format_yields_its_images(initialized_catalog, site, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["bing", "baidu", "google", "flickr"])
+def test_each_engine_format_yields_its_images(sqlite_catalog, site, engine, monkeypatch):
+    """One engine per case, so that one engine whose format broke does not hide the others."""
     site.results["*"] = jpegs(site, range(6))
-    for engine in ("bing", "baidu", "google", "flickr"):
-        if engine == "flickr":
-            assert crawl(initialized_catalog, site, "owl", engine=engine).stderr == (
-                "Error: the flickr engine needs an API key: set FLICKR_API_KEY "
-                "(get one at https://www.flickr.com/services/apps/create/)\n")
-            monkeypatch.setenv("FLICKR_API_KEY", "test-key")
-        result = crawl(initialized_catalog, site, "owl", "--label", engine, engine=engine)
-        assert result.exit_code == 0, result.stderr
-        report = json.loads(result.stdout)
-        assert report["found"] == 6 and report["status"] == "done", report
+    if engine == "flickr":
+        assert crawl(sqlite_catalog, site, "owl", engine=engine).stderr == (
+            "Error: the flickr engine needs an API key: set FLICKR_API_KEY "
+            "(get one at https://www.flickr.com/services/apps/create/)\n")
+        monkeypatch.setenv("FLICKR_API_KEY", "test-key")
+    result = crawl(sqlite_catalog, site, "owl", "--label", engine, engine=engine)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["found"] == 6 and report["status"] == "done" and report["new_images"] == 6, report
+    rows = catalog_rows(sqlite_catalog, "SELECT s.engine, s.rank, s.page_url, s.http_status, s.content_type "
+                                        "FROM sources s ORDER BY s.id")
+    assert {r[0] for r in rows} == {engine} and sorted(r[1] for r in rows) == list(range(1, 7))
+    assert all(r[3] == 200 and r[4] == "image/jpeg" for r in rows)
+    if engine == "bing":
+        assert all(r[2].startswith(site.url("/page/source")) for r in rows)
+
+
+def test_engines_share_what_was_fetched_and_list_and_greedy_engines_work(initialized_catalog, site, tmp_path):
+    site.results["*"] = jpegs(site, range(6))
+    for engine in ("bing", "baidu", "google"):
+        report = json.loads(crawl(initialized_catalog, site, "owl", "--label", engine, engine=engine).stdout)
         # The first engine downloads; the others find the same URLs and only add their label as a source.
         assert (report["new_images"], report["exact_duplicates"]) == ((6, 0) if engine == "bing" else (0, 6))
     assert site.hits["/img/0.jpg"] == 1, "a URL fetched once is never fetched again"
-    rows = catalog_rows(initialized_catalog, "SELECT s.engine, l.name, s.rank, s.page_url, s.http_status, s.content_type "
-                                       "FROM sources s JOIN labels l ON l.id = s.label_id ORDER BY s.id")
-    assert {r[0] for r in rows} == {"bing", "baidu", "google", "flickr"} and len(rows) == 24
-    bing = [r for r in rows if r[0] == "bing"]
-    assert sorted(r[2] for r in bing) == list(range(1, 7))
-    assert all(r[3].startswith(site.url("/page/source")) and r[4] == 200 and r[5] == "image/jpeg" for r in bing)
+    rows = catalog_rows(initialized_catalog, "SELECT s.engine FROM sources s")
+    assert {r[0] for r in rows} == {"bing", "baidu", "google"} and len(rows) == 18
 
     urls = tmp_path / "urls.txt"
     urls.write_text("# my list\n\n" + "\n".join(jpegs(site, range(6, 9))) + "\nftp://nope/x.jpg\n")
-    listed = json.loads(run_cli(["crawl", "--urls", str(urls), "--label", "listed", "--allow-private", "--json"], initialized_catalog).stdout)
+    listed = json.loads(run_cli(["crawl", "--urls", str(urls), "--label", "listed", "--allow-private", "--json"],
+                                initialized_catalog).stdout)
     assert listed["new_images"] == 3 and listed["engines"]["urls"]["found"] == 3
 
     site.pages["gallery"] = ('<html><body><img src="/img/9.jpg"><a href="/page/more">more</a>'
                              f'<img src="{site.url("/img/10.jpg")}"></body></html>')
     site.pages["more"] = '<html><body><a href="/img/11.jpg">big</a></body></html>'
     jpegs(site, range(9, 12))
-    greedy = run_cli(["crawl", "--url", site.url("/page/gallery"), "--label", "greedy", "--allow-private", "--json"], initialized_catalog)
+    greedy = run_cli(["crawl", "--url", site.url("/page/gallery"), "--label", "greedy", "--allow-private", "--json"],
+                     initialized_catalog)
     assert json.loads(greedy.stdout)["new_images"] == 3, greedy.stdout
 
 

@@ -13,7 +13,7 @@ import pytest
 from fastclass.catalog import init_catalog, open_catalog
 from fastclass.crawl.jobqueue import claim_job, enqueue_crawl
 from fastclass.crawl.options import CrawlOptions
-from tests.conftest import catalog_rows, photo_like, run_cli
+from tests.helpers import catalog_rows, photo_like, run_cli
 from tests.webserver import EngineSite
 
 QUERIES = [f"bird{n}" for n in range(12)]
@@ -37,6 +37,17 @@ def enqueue_all(location: str, site: EngineSite) -> None:
         assert result.stdout.startswith("Queued crawl job ")
 
 
+def wait_for_lease_to_end(session, job_id: int) -> None:
+    """Wait on the condition itself (the recorded lease has run out), not a guessed sleep."""
+    from db.models import CrawlJob, utcnow
+
+    session.expire_all()
+    lease_until = session.get(CrawlJob, job_id).lease_until
+    session.commit()
+    while utcnow() <= lease_until.replace(tzinfo=None):  # naive UTC, as the catalog stores it
+        time.sleep(0.02)
+
+
 def test_a_claimed_job_is_not_claimed_again_until_its_lease_runs_out(catalog, tmp_path):
     options = CrawlOptions(query="owl", label="owl", engines=["bing"])
     with catalog.session() as session:
@@ -44,12 +55,12 @@ def test_a_claimed_job_is_not_claimed_again_until_its_lease_runs_out(catalog, tm
         first = claim_job(session, "w1", lease_seconds=0.5)
         assert (first.id, first.worker, first.attempts, first.status) == (job_id, "w1", 1, "running")
         assert claim_job(session, "w2", lease_seconds=0.5) is None
-        time.sleep(0.7)
+        wait_for_lease_to_end(session, job_id)
         second = claim_job(session, "w2", lease_seconds=0.5)
         assert (second.id, second.worker, second.attempts) == (job_id, "w2", 2)
-        time.sleep(0.7)
+        wait_for_lease_to_end(session, job_id)
         assert claim_job(session, "w3", lease_seconds=0.5).attempts == 3
-        time.sleep(0.7)
+        wait_for_lease_to_end(session, job_id)
         assert claim_job(session, "w4", lease_seconds=0.5) is None
     status, error = catalog_rows(catalog.location, f"SELECT status, last_error FROM crawl_jobs WHERE id = {job_id}")[0]
     assert status == "failed" and error == "abandoned: its worker stopped during each of 3 attempts"
@@ -112,7 +123,8 @@ def test_three_workers_and_one_killed_run_every_job_exactly_once(pg_database, tm
         site.close()
 
     jobs = catalog_rows(pg_database, "SELECT id, status, worker, attempts FROM crawl_jobs ORDER BY id")
-    assert [status for _, status, _, _ in jobs] == ["done"] * 12
+    errors = catalog_rows(pg_database, "SELECT id, last_error FROM crawl_jobs WHERE status != 'done'")
+    assert [status for _, status, _, _ in jobs] == ["done"] * 12, errors
     taken_over = {job_id: (worker, attempts) for job_id, _, worker, attempts in jobs if attempts > 1}
     assert list(taken_over) == [killed_job] and taken_over[killed_job][0] in ("w1", "w2")
     assert catalog_rows(pg_database, "SELECT count(*) FROM images") == [(121,)]

@@ -10,7 +10,7 @@ from PIL import ImageOps
 
 from fastclass.curate.dedup import HashIndex, find_pairs, near_duplicate_groups
 from fastclass.sample import jpeg_bytes, load_photo, random_crop
-from tests.conftest import catalog_rows, run_cli, write
+from tests.helpers import catalog_rows, run_cli, write
 
 
 def test_search_is_exact_against_brute_force():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import catalog_rows, photo_like, run_cli
+from tests.helpers import catalog_rows, photo_like, run_cli
 from tests.webserver import EngineSite, gzip_bomb
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from db.models import Source
 from fastclass.ingest.importer import import_folder
 from fastclass.store import ImageStore
-from tests.conftest import catalog_rows, image_bytes, run_cli, write
+from tests.helpers import catalog_rows, image_bytes, run_cli, write
 
 
 def mixed_folder(root: Path) -> Path:

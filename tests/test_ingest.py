@@ -18,7 +18,7 @@ from fastclass.ingest.analyze import NotAnImage, analyze_bytes, read_capped
 from fastclass.ingest.hashes import HASH_KINDS, to_unsigned64
 from fastclass.ingest.record import SourceInfo, ingest_bytes
 from fastclass.sample import jpeg_bytes, load_photo, random_crop
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 
 
 @pytest.mark.parametrize("fmt, expected", [

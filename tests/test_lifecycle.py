@@ -15,7 +15,7 @@ from PIL import Image
 
 from fastclass.catalog import open_catalog
 from fastclass.lifecycle import ALLOWED, TRANSITIONS, Actor, Status
-from tests.conftest import catalog_rows, photo_like, run_cli, write
+from tests.helpers import catalog_rows, photo_like, run_cli, write
 
 
 def near_pair(seed: int) -> tuple[bytes, bytes]:

@@ -10,7 +10,7 @@ from db import SchemaState, check_schema, open_engine, upgrade_to_head
 from db.migrate import HEAD_REVISION, alembic_config, head_revision
 from db.models import Base
 from fastclass.catalog import catalog_url
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_empty_database_upgraded_to_head_matches_models(catalog_location):

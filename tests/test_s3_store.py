@@ -10,7 +10,7 @@ import pytest
 
 from fastclass.catalog import open_catalog
 from fastclass.store import S3ImageStore, temp_name
-from tests.conftest import catalog_rows, digit_images, image_bytes, run_cli, write
+from tests.helpers import catalog_rows, digit_images, image_bytes, run_cli, write
 
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -39,7 +39,7 @@ def objects(url: str) -> set[str]:
 
 
 def markers(url: str) -> list:
-    return S3ImageStore(url)._markers()
+    return S3ImageStore(url)._temp_entries()
 
 
 def test_every_command_works_on_an_s3_store(s3_env, tmp_path):

@@ -14,7 +14,7 @@ from fastclass.catalog import open_catalog
 from fastclass.dataset.snapshot import create_snapshot, diff_snapshots, show_snapshot, snapshot_items
 from fastclass.dataset.split import assign_splits
 from fastclass.errors import FastclassError
-from tests.conftest import add_images, catalog_rows, photo_like, run_cli, sqlite_catalog_named
+from tests.helpers import add_images, catalog_rows, photo_like, run_cli, sqlite_catalog_named
 
 
 def grow(catalog, root, spec) -> None:

@@ -10,7 +10,7 @@ from fastclass.catalog import open_catalog
 from fastclass.curate.dedup import find_near_duplicates
 from fastclass.curate.review import decide
 from fastclass.dataset.split import assign_splits
-from tests.conftest import add_images, photo_like, pngs, run_cli, sqlite_catalog_named
+from tests.helpers import add_images, photo_like, pngs, run_cli, sqlite_catalog_named
 
 
 def sides(catalog, split_id: int | None = None) -> dict[str, bool]:

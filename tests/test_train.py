@@ -18,7 +18,7 @@ from PIL import Image
 
 from fastclass.catalog import init_catalog, open_catalog
 from fastclass.errors import FastclassError
-from tests.conftest import catalog_rows, digit_images, run_cli, snapshot_of, write
+from tests.helpers import catalog_rows, digit_images, run_cli, snapshot_of, write
 
 DIGITS = {"zero": 0, "one": 1, "seven": 7}
 TINY = ["--arch", "resnet18", "--no-pretrained", "--size", "64", "--freeze-epochs", "1", "--epochs", "1",

@@ -8,7 +8,7 @@ import zlib
 
 from PIL import Image
 
-from tests.conftest import catalog_rows, image_bytes, run_cli, write
+from tests.helpers import catalog_rows, image_bytes, run_cli, write
 
 
 def png_with_size(width: int, height: int) -> bytes:

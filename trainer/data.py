@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from db.models import Snapshot
 from fastclass.dataset.snapshot import snapshot_items
 from fastclass.errors import FastclassError
-from fastclass.store import ImageStore
+from fastclass.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class SnapshotData:
         return int(self.frame.is_valid.sum())
 
 
-def snapshot_data(session: Session, store: ImageStore, name: str) -> SnapshotData:
+def snapshot_data(session: Session, store: Store, name: str) -> SnapshotData:
     """The snapshot's images, checked to be trainable: every file present, two labels, both splits."""
     items = snapshot_items(session, name)
     missing = set(store.missing(item.store_path for item in items))

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from db.models import RunLoss, RunStatus, Snapshot
 from fastclass.errors import FastclassError
-from fastclass.store import ImageStore
+from fastclass.store import Store
 from trainer.data import snapshot_data
 from trainer.runs import EXPORT_NAME, get_run
 
@@ -67,7 +67,7 @@ def probabilities(learn, frame, tta: bool = False):
     return learn.get_preds(dl=dl)[0]
 
 
-def interpret_run(session: Session, store: ImageStore, run_ref: str, out_dir: Path | None = None,
+def interpret_run(session: Session, store: Store, run_ref: str, out_dir: Path | None = None,
                   top: int = 20, device: str = "cpu") -> InterpretResult:
     """Predict every image of the run's snapshot, store each image's loss, write the reports to out_dir."""
     import torch

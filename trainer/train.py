@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from db.models import RunStatus
 from fastclass.errors import FastclassError
-from fastclass.store import ImageStore
+from fastclass.store import Store
 from trainer.archs import PRETRAINED, build_body, get_arch
 from trainer.data import build_dataloaders, presize_cache, presize_for, snapshot_data
 from trainer.distributed import data_parallel, process_group, rank0_first
@@ -186,7 +186,7 @@ class TrainHooks:
     on_epoch: Callable[[EpochRow], None] | None = None
 
 
-def train_snapshot(session: Session, store: ImageStore, config: TrainConfig, runs_root: Path,
+def train_snapshot(session: Session, store: Store, config: TrainConfig, runs_root: Path,
                    hooks: TrainHooks | None = None) -> TrainResult:
     """Train on a snapshot and record the run; returns the final metrics and where the artifacts are.
 

@@ -23,7 +23,7 @@ from fastclass.cli.preview import detect_protocol, load_for_preview, render
 from fastclass.curate.review import Decision, decide, image_card, reviewed_ids, undo
 from fastclass.errors import FastclassError
 from fastclass.labels import did_you_mean, label_exists, relabel_digits
-from fastclass.store import ImageStore
+from fastclass.store import Store
 from fastclass.text import printable
 
 LEFT, RIGHT = ("\x1b[D", "\x1bOD"), ("\x1b[C", "\x1bOC")
@@ -100,7 +100,7 @@ class SessionStats:
 
 
 class CleanPrompt:
-    def __init__(self, session: Session, store: ImageStore, queue: list[int], labels: list[str],
+    def __init__(self, session: Session, store: Store, queue: list[int], labels: list[str],
                  reviewer: str, read_key, protocol: str | None = None, run_id: int | None = None,
                  digits: dict[int, str] | None = None) -> None:
         self.read_key = read_key

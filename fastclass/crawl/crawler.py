@@ -3,12 +3,14 @@
 The main thread walks each engine's result pages and owns the catalog session; a thread pool downloads
 through one Fetcher (fastclass/crawl/fetch.py: guarded addresses, byte and time limits, redirect limit,
 retries with Retry-After) under per-host concurrency, and each body is analysed and stored in an
-isolated worker process (fastclass/workers.py), so the network wait overlaps and a hostile file fails alone. Every URL's outcome is recorded in `fetched_urls` in the same transaction
-as its image, which is what makes a re-run (or `--resume`) skip everything fetched before.
+isolated worker process (fastclass/workers.py), so the network wait overlaps and a hostile file fails
+alone. Every URL's outcome is recorded in `fetched_urls` in the same transaction as its image, which is
+what makes a re-run (or `--resume`) skip everything fetched before.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import enum
 import hashlib
 import json
 import logging
@@ -25,7 +27,7 @@ import requests
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.models import CrawlJob, FetchedUrl, Source, utcnow
+from db.models import CrawlJob, FetchedUrl, utcnow
 from fastclass import __version__
 from fastclass.catalog import is_recorded_in
 from fastclass.crawl.engines import EngineProblem, EngineRequest, Hit, get_engine
@@ -41,10 +43,11 @@ from fastclass.ingest.record import (
     ids_by_sha256,
     insert_rows,
     open_claim_conflicts,
+    record_sources,
     serialize_writes,
 )
 from fastclass.labels import label_ids
-from fastclass.store import ImageStore, StoredFile
+from fastclass.store import Store, StoredFile
 from fastclass.workers import IsolatedPool
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,18 @@ class CrawlReport:
                 "problems": self.problems, "seconds": round(self.seconds, 2)}
 
 
+class Fetched(str, enum.Enum):
+    """What the fetch log records for a URL; every state but RETRY means a re-run never fetches it again."""
+
+    OK = "ok"
+    REJECTED = "rejected"
+    """The server answered with something that is not a usable image (too big, HTML, too small)."""
+    FAILED = "failed"
+    """A permanent failure: 404, 410, too many redirects, a malformed URL."""
+    RETRY = "retry"
+    """A failure a later run may get past: a timeout, a connection reset, a 503, a refused private address."""
+
+
 @dataclass
 class _Outcome:
     hit: Hit
@@ -108,12 +123,20 @@ class _Outcome:
     http_status: int | None = None
     content_type: str | None = None
 
+    @property
+    def state(self) -> Fetched:
+        if self.prepared is not None:
+            return Fetched.OK
+        if not self.permanent:
+            return Fetched.RETRY
+        return Fetched.REJECTED if self.rejected else Fetched.FAILED
+
 
 def url_hash(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def analyze_and_store(task: tuple[bytes, ImageStore, tuple[int, int] | None]) -> tuple[ImageFacts, StoredFile] | str:
+def analyze_and_store(task: tuple[bytes, Store, tuple[int, int] | None]) -> tuple[ImageFacts, StoredFile] | str:
     """Check, hash and store downloaded bytes (in a worker process); a string is the rejection reason."""
     data, store, min_size = task
     try:
@@ -139,7 +162,7 @@ class _HostLimits:
 class Crawler:
     """One class's crawl: engines in order, downloads in a thread pool, catalog writes in this thread."""
 
-    def __init__(self, session: Session, store: ImageStore, options: CrawlOptions, log_dir: Path,
+    def __init__(self, session: Session, store: Store, options: CrawlOptions, log_dir: Path,
                  progress: Callable[[int, int, str], None] | None = None, allow_private: bool = False) -> None:
         self.session = session
         self.store = store
@@ -337,12 +360,12 @@ class Crawler:
         todo, reused = [], []
         for digest, hit in hashes.items():
             row = known.get(digest)
-            if row is None or row.outcome == "retry":
+            if row is None or row.outcome == Fetched.RETRY:
                 todo.append(hit)
                 continue
             stats.skipped += 1
             report.skipped += 1
-            if row.outcome == "ok" and row.sha256:
+            if row.outcome == Fetched.OK and row.sha256:
                 reused.append((row.sha256, hit))
         if reused:
             self._add_sources(reused, engine, report, stats)
@@ -354,22 +377,14 @@ class Crawler:
         """This label as a source of images fetched before (maybe for another label): no download."""
         serialize_writes(self.session)
         ids = ids_by_sha256(self.session, [sha for sha, _ in reused])
-        existing = set(self.session.execute(select(Source.image_id, Source.uri).where(
-            Source.label_id == self.label_id, Source.image_id.in_(set(ids.values())))).all())
-        rows = []
-        for sha, hit in reused:
-            image_id = ids.get(sha)
-            if image_id is None or (image_id, hit.url) in existing:
-                continue
-            existing.add((image_id, hit.url))
-            rows.append({"image_id": image_id, "label_id": self.label_id, "uri": hit.url, "engine": engine,
-                         "query": self.options.query, "crawl_job_id": self.job_id, "page_url": hit.page_url,
-                         "fetched_at": utcnow()})
-        if rows:
-            insert_rows(self.session, Source.__table__, rows)
-            report.exact_duplicates += len(rows)
-            stats.duplicates += len(rows)
-            report.conflicts += open_claim_conflicts(self.session, {row["image_id"] for row in rows})
+        claims = [(ids[sha], self.label_id, SourceInfo(hit.url, engine, self.options.query, self.job_id,
+                                                        page_url=hit.page_url, fetched_at=utcnow()))
+                  for sha, hit in reused if sha in ids]
+        added = record_sources(self.session, claims)
+        if added:
+            report.exact_duplicates += added
+            stats.duplicates += added
+            report.conflicts += open_claim_conflicts(self.session, {image_id for image_id, _, _ in claims})
 
     def _drain(self, in_flight: dict, report: CrawlReport, block: bool = True, wait_all: bool = False) -> None:
         while in_flight:
@@ -415,8 +430,7 @@ class Crawler:
         batch, self.pending = self.pending[:max(room, 0)], self.pending[max(room, 0):]
         failures, self.failures = self.failures, []
         rows = list({row["url_hash"]: row for row in (
-            _fetched_row(o, "ok" if o.prepared else "retry" if not o.permanent else "rejected" if o.rejected
-                         else "failed", self.job_id) for o in batch + failures)}.values())
+            _fetched_row(o, self.job_id) for o in batch + failures)}.values())
         serialize_writes(self.session)
         if rows:
             self.session.execute(delete(FetchedUrl).where(FetchedUrl.url_hash.in_([r["url_hash"] for r in rows])))
@@ -452,8 +466,8 @@ class Crawler:
             self.store.discard(leftovers, is_recorded_in(self.session))
 
 
-def _fetched_row(outcome: _Outcome, state: str, job_id: int) -> dict:
-    return {"url_hash": url_hash(outcome.hit.url), "url": outcome.hit.url, "outcome": state,
+def _fetched_row(outcome: _Outcome, job_id: int) -> dict:
+    return {"url_hash": url_hash(outcome.hit.url), "url": outcome.hit.url, "outcome": outcome.state.value,
             "reason": outcome.reason, "http_status": outcome.http_status,
             "sha256": outcome.prepared.facts.sha256 if outcome.prepared else None,
             "crawl_job_id": job_id, "fetched_at": utcnow()}
@@ -484,7 +498,7 @@ def check_options(options: CrawlOptions) -> None:
                                    Path(options.urls_file) if options.urls_file else None))
 
 
-def run_crawl(session: Session, store: ImageStore, options: CrawlOptions, log_dir: Path,
+def run_crawl(session: Session, store: Store, options: CrawlOptions, log_dir: Path,
               progress: Callable[[int, int, str], None] | None = None, resumed_from: int | None = None,
               job_id: int | None = None, allow_private: bool = False) -> CrawlReport:
     """Crawl one class into the catalog; the job row records the run whatever happens. With job_id, the

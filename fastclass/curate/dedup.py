@@ -27,7 +27,7 @@ from fastclass.labels import existing_label_id, label_names
 from fastclass.lifecycle import LIVE, Actor, Conflict, Status, move
 
 MAX_CHUNK_BITS = 23  # a 2^23-entry table per chunk is 64 MiB of counts and offsets
-ELIGIBLE = ("pending", "ok", "duplicate")
+ELIGIBLE = (Status.PENDING, Status.OK, Status.DUPLICATE)
 
 
 def _masks(bits: int, radius: int) -> np.ndarray:
@@ -199,7 +199,7 @@ class DedupResult:
 
 def _keeper_order(row) -> tuple:
     """Largest pixel count, then verified (ok) before pending, then oldest (by id, the ingest order)."""
-    return (-(row.width * row.height), row.status not in ("ok", "duplicate"), row.id)
+    return (-(row.width * row.height), row.status not in (Status.OK, Status.DUPLICATE), row.id)
 
 
 def find_near_duplicates(session: Session, threshold: int = 10, hash_kind: str = "phash", flip: bool = False,

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from db.models import Image, Label, Review, RunLoss, Source, TrainingRun, utcnow
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.labels import existing_label_id, label_exists, label_ids, normalize_label, unknown_label
-from fastclass.lifecycle import LIVE
+from fastclass.lifecycle import LIVE, Status
 from fastclass.text import csv_records, parse_id
 
 ACTIONS = ("keep", "delete", "relabel")
@@ -87,7 +87,7 @@ def revive_check(session: Session, store, image: Image) -> None:
             "with `fastclass import FILE --label LABEL` or `fastclass crawl --urls FILE`, then keep it again")
     store.fetch([image.store_path])
     status, reason = check_isolated(store.path(image.store_path), VerifyRules())
-    if status != "ok":
+    if status != Status.OK:
         raise FastclassError(f"image {image.id} cannot be kept: {reason}")
 
 
@@ -102,7 +102,8 @@ def _revive(session: Session, store, image: Image) -> None:
 
 def keep_refusal(image: Image) -> str | None:
     """Why a reviewer may not keep this image (verify rejected it, before or after a prune), or None."""
-    if image.status == "rejected" or (image.status == "deleted" and image.reason not in (None, DELETED_BY_REVIEW)):
+    by_verify = image.status == Status.REJECTED
+    if by_verify or (image.status == Status.DELETED and image.reason not in (None, DELETED_BY_REVIEW)):
         return f"image {image.id} was rejected by verify ({image.reason}); it cannot be kept"
     return None
 
@@ -150,10 +151,10 @@ def decide(session: Session, store, image_id: int, action: str, label: str | Non
         refusal = keep_refusal(image)
         if refusal:
             raise FastclassError(refusal)
-        if old_status in ("duplicate", "deleted"):
-            new_status = "ok"
+        if old_status in (Status.DUPLICATE, Status.DELETED):
+            new_status = Status.OK
     elif action == "delete":
-        new_status = "deleted"
+        new_status = Status.DELETED
     else:
         if not label:
             raise FastclassError("relabel needs a label")
@@ -165,12 +166,12 @@ def decide(session: Session, store, image_id: int, action: str, label: str | Non
         raise FastclassError(f"image {image_id} cannot go from {old_status} to {new_status} by review")
     values = {"status": new_status, "label_id": new_label_id, "updated_at": utcnow(), "reviewed": True,
               "conflict": None}
-    if action == "delete" and old_status != "rejected":
+    if action == "delete" and old_status != Status.REJECTED:
         values["reason"] = DELETED_BY_REVIEW
-    elif new_status == "ok" and old_status != "ok":
+    elif new_status == Status.OK and old_status != Status.OK:
         values["reason"] = None
     _guarded_update(session, image_id, old_status, old_label_id, old_conflict, values)
-    if new_status == "ok" and old_status != "ok":
+    if new_status == Status.OK and old_status != Status.OK:
         _revive(session, store, image)
     review = Review(image_id=image_id, action=action, old_status=old_status, new_status=new_status,
                     old_label_id=old_label_id, new_label_id=new_label_id, reviewer=reviewer or reviewer_name(),
@@ -214,9 +215,9 @@ def undo(session: Session, store, review_id: int, reviewer: str | None = None) -
     values = {"status": review.old_status, "label_id": review.old_label_id, "updated_at": utcnow(),
               "conflict": review.old_conflict}
     if review.action == "delete":
-        values["reason"] = image.reason if review.old_status == "rejected" else None
+        values["reason"] = image.reason if review.old_status == Status.REJECTED else None
     _guarded_update(session, image.id, image.status, image.label_id, image.conflict, values)
-    if review.old_status == "ok" and image.status != "ok":
+    if review.old_status == Status.OK and image.status != Status.OK:
         _revive(session, store, image)
     row = Review(image_id=image.id, action="undo", old_status=review.new_status, new_status=review.old_status,
                  old_label_id=review.new_label_id, new_label_id=review.old_label_id,
@@ -393,7 +394,7 @@ def apply_csv(session: Session, store, path: Path, reviewer: str | None = None,
                     raise unknown_label(session, label, "add --create-labels to create new labels")
             if action == "keep" and keep_refusal(image):
                 raise FastclassError(keep_refusal(image))
-            if action == "keep" and image.status in ("duplicate", "deleted"):
+            if action == "keep" and image.status in (Status.DUPLICATE, Status.DELETED):
                 revive_check(session, store, image)
         except FastclassError as exc:
             result.errors.append(f"{path}:{line}: {exc}")

@@ -19,7 +19,7 @@ from fastclass.ingest import MAX_PIXELS
 from fastclass.ingest.analyze import decode_reason, reason_kind
 from fastclass.labels import existing_label_id
 from fastclass.lifecycle import Actor, Status, move, move_each, snapshots_holding, take_write_lock
-from fastclass.store import ImageStore
+from fastclass.store import Store
 from fastclass.workers import Budget, IsolatedPool
 
 BATCH_SIZE = 500
@@ -142,7 +142,7 @@ def _check_task(task: tuple[int, str, str, VerifyRules]) -> Verdict:
     return Verdict(image_id, expect, status, reason, width, height, mode)
 
 
-def verify_images(session: Session, store: ImageStore, rules: VerifyRules = VerifyRules(), label: str | None = None,
+def verify_images(session: Session, store: Store, rules: VerifyRules = VerifyRules(), label: str | None = None,
                   recheck: bool = False, workers: int | None = None, progress: Progress | None = None,
                   budget: Budget = Budget()) -> VerifyResult:
     """Check pending images (every not-deleted one with recheck); commits every BATCH_SIZE verdicts.
@@ -152,7 +152,8 @@ def verify_images(session: Session, store: ImageStore, rules: VerifyRules = Veri
     (see IsolatedPool): one that hangs, exhausts the budget or crashes its worker is rejected alone.
     """
     query = select(ImageRow.id, ImageRow.status, ImageRow.store_path)
-    query = query.where(ImageRow.status.in_(["pending", "ok", "rejected"]) if recheck else ImageRow.status == "pending")
+    query = query.where(ImageRow.status.in_([Status.PENDING, Status.OK, Status.REJECTED]) if recheck
+                        else ImageRow.status == Status.PENDING)
     if label is not None:
         label_id = existing_label_id(session, label)
         query = query.where(ImageRow.label_id == label_id)
@@ -195,7 +196,7 @@ def _failed_check(task: tuple[int, str, str, VerifyRules], reason: str) -> Verdi
 
 def _count(result: VerifyResult, verdict: Verdict) -> None:
     result.checked += 1
-    if verdict.status == "ok":
+    if verdict.status == Status.OK:
         result.ok += 1
     else:
         result.rejected[reason_kind(verdict.reason)] += 1
@@ -224,7 +225,7 @@ class PruneResult:
         return {"removed": self.removed, "held_by_snapshot": dict(self.held)}
 
 
-def prune_rejected(session: Session, store: ImageStore) -> PruneResult:
+def prune_rejected(session: Session, store: Store) -> PruneResult:
     """Remove the files of rejected and deleted images, except those a snapshot holds.
 
     Pruned rows stay (status deleted, reason kept). A rejected image that a snapshot holds keeps its file
@@ -232,12 +233,12 @@ def prune_rejected(session: Session, store: ImageStore) -> PruneResult:
     """
     result = PruneResult()
     candidates = session.execute(select(ImageRow.id, ImageRow.status, ImageRow.store_path)
-                                 .where(ImageRow.status.in_(("rejected", "deleted")))).all()
+                                 .where(ImageRow.status.in_((Status.REJECTED, Status.DELETED)))).all()
     held = snapshots_holding(session, [c.id for c in candidates])
     for image_id, names in held.items():
         for snap in names:
             result.held[snap] += 1
-    newly = [c.id for c in candidates if c.status == "rejected" and c.id not in held]
+    newly = [c.id for c in candidates if c.status == Status.REJECTED and c.id not in held]
     move(session, Actor.PRUNE, newly, [Status.REJECTED], Status.DELETED)
     session.commit()
     # Rows are committed as deleted before their files go, so a crash here leaves at most a spare file,
@@ -249,7 +250,8 @@ def prune_rejected(session: Session, store: ImageStore) -> PruneResult:
         chunk = free[start:start + 500]
         take_write_lock(session)
         for image_id, relpath in session.execute(
-                select(ImageRow.id, ImageRow.store_path).where(ImageRow.id.in_(chunk), ImageRow.status == "deleted")
+                select(ImageRow.id, ImageRow.store_path)
+                .where(ImageRow.id.in_(chunk), ImageRow.status == Status.DELETED)
                 .with_for_update()).all():
             if store.exists(relpath):
                 store.remove(relpath)

@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session
 from db.models import Image, Label, Snapshot, SnapshotItem, SplitAssignment, TrainingRun, utcnow
 from fastclass.dataset.split import current_split, left_out
 from fastclass.errors import FastclassError, NotFoundError
-from fastclass.store import ImageStore, pid_alive
+from fastclass.lifecycle import Status
+from fastclass.store import Store, pid_alive
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 EXPORT_FORMATS = ("imagefolder", "csv")
@@ -124,14 +125,14 @@ def create_snapshot(session: Session, name: str, labels: Iterable[str] | None = 
     missing = [lab for lab in wanted if lab not in names]
     if missing:
         raise NotFoundError(f"no label {missing[0]!r} in the catalog (see `fastclass labels`)")
-    conflicts = select(func.count()).select_from(Image).where(Image.status == "ok", Image.conflict.is_not(None))
+    conflicts = select(func.count()).select_from(Image).where(Image.status == Status.OK, Image.conflict.is_not(None))
     if wanted:
         conflicts = conflicts.where(Image.label_id.in_([names[lab] for lab in wanted]))
     open_conflicts = session.scalar(conflicts)
     if open_conflicts and not allow_conflicts:
         raise FastclassError(f"{open_conflicts} ok image(s) have open label conflicts; settle them with "
                              "`fastclass clean --status conflict` (or add --allow-conflicts to leave them out)")
-    ok = (select(Image.label_id, func.count()).where(Image.status == "ok", Image.conflict.is_(None))
+    ok = (select(Image.label_id, func.count()).where(Image.status == Status.OK, Image.conflict.is_(None))
           .group_by(Image.label_id))
     if wanted:
         ok = ok.where(Image.label_id.in_([names[lab] for lab in wanted]))
@@ -146,7 +147,7 @@ def create_snapshot(session: Session, name: str, labels: Iterable[str] | None = 
     unassigned = session.scalar(
         select(func.count()).select_from(Image)
         .outerjoin(SplitAssignment, (SplitAssignment.image_id == Image.id) & (SplitAssignment.split_id == split.id))
-        .where(Image.status == "ok", Image.conflict.is_(None), Image.label_id.in_(included),
+        .where(Image.status == Status.OK, Image.conflict.is_(None), Image.label_id.in_(included),
                SplitAssignment.image_id.is_(None)))
     if unassigned:
         raise FastclassError(f"{unassigned} ok image(s) have no train/valid side yet; run `fastclass split` first")
@@ -158,7 +159,7 @@ def create_snapshot(session: Session, name: str, labels: Iterable[str] | None = 
     source = (select(literal(snap.id), Image.id, Image.sha256, Label.name, SplitAssignment.is_valid)
               .join(Label, Label.id == Image.label_id)
               .join(SplitAssignment, (SplitAssignment.image_id == Image.id) & (SplitAssignment.split_id == split.id))
-              .where(Image.status == "ok", Image.conflict.is_(None), Image.label_id.in_(included)))
+              .where(Image.status == Status.OK, Image.conflict.is_(None), Image.label_id.in_(included)))
     session.execute(insert(SnapshotItem).from_select(
         ["snapshot_id", "image_id", "sha256", "label", "is_valid"], source))
     rows = session.execute(select(SnapshotItem.sha256, SnapshotItem.label, SnapshotItem.is_valid)
@@ -291,7 +292,7 @@ class ExportResult:
                 "per_split": dict(self.per_split)}
 
 
-def export_snapshot(session: Session, store: ImageStore, name: str, directory: Path, fmt: str = "imagefolder",
+def export_snapshot(session: Session, store: Store, name: str, directory: Path, fmt: str = "imagefolder",
                     progress: Callable[[int, int], None] | None = None, link: bool = False) -> ExportResult:
     """Write a snapshot as DIR/{train,valid}/<label>/<sha>.<ext> or as DIR/labels.csv + DIR/images/.
 

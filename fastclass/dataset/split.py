@@ -19,11 +19,12 @@ from sqlalchemy.orm import Session
 
 from db.models import DuplicateGroup, Image, Label, Split, SplitAssignment
 from fastclass.errors import FastclassError
+from fastclass.lifecycle import Status
 
 DEFAULT_VALID_PCT = 0.2
 DEFAULT_SEED = 42
 DEFAULT_MIN_VALID = 1
-ASSIGNED_STATUSES = ("ok", "duplicate")
+ASSIGNED_STATUSES = (Status.OK, Status.DUPLICATE)
 INSERT_BATCH = 20_000
 
 
@@ -162,7 +163,7 @@ def assign_splits(session: Session, valid_pct: float | None = None, seed: int | 
 def left_out(session: Session, label_ids: list[int] | None = None) -> dict[str, int]:
     """How many images a split or snapshot leaves out, by why: pending (not verified yet) and open label
     conflicts (ok or duplicate images whose label a reviewer must pick first)."""
-    pending = select(func.count()).select_from(Image).where(Image.status == "pending")
+    pending = select(func.count()).select_from(Image).where(Image.status == Status.PENDING)
     conflict = select(func.count()).select_from(Image).where(Image.conflict.is_not(None),
                                                              Image.status.in_(ASSIGNED_STATUSES))
     if label_ids is not None:
@@ -187,18 +188,18 @@ def _load_units(session: Session, split_id: int) -> list[_Unit]:
     for image_id, sha, status, label_id, group_id, is_valid in rows:
         if group_id is not None:
             grouped[group_id].append((image_id, sha, status, label_id, is_valid))
-        elif status == "ok":
+        elif status == Status.OK:
             assigned = {} if is_valid is None else {image_id: is_valid}
             units.append(_Unit(sha, label_id, [(image_id, label_id, True)], assigned, 1))
     for group_id, members in grouped.items():
-        ok = [m for m in members if m[2] == "ok"]
+        ok = [m for m in members if m[2] == Status.OK]
         if not ok:
             continue
         keeper = next((m for m in members if m[0] == keepers.get(group_id)), None)
         # The group is stratified under its keeper's label (conflict groups keep every member, all ok).
-        head = keeper if keeper is not None and keeper[2] == "ok" else min(ok)
+        head = keeper if keeper is not None and keeper[2] == Status.OK else min(ok)
         assigned = {m[0]: m[4] for m in members if m[4] is not None}
-        units.append(_Unit(min(m[1] for m in members), head[3], [(m[0], m[3], m[2] == "ok") for m in members],
+        units.append(_Unit(min(m[1] for m in members), head[3], [(m[0], m[3], m[2] == Status.OK) for m in members],
                            assigned, len(ok), assigned.get(keeper[0]) if keeper is not None else None))
     return units
 
@@ -271,7 +272,7 @@ def _count(session: Session, split_id: int, result: SplitResult, params: SplitPa
     rows = session.execute(
         select(Image.label_id, SplitAssignment.is_valid, func.count())
         .join(SplitAssignment, (SplitAssignment.image_id == Image.id) & (SplitAssignment.split_id == split_id))
-        .where(Image.status == "ok").group_by(Image.label_id, SplitAssignment.is_valid)
+        .where(Image.status == Status.OK).group_by(Image.label_id, SplitAssignment.is_valid)
     ).all()
     per_label: dict[int | None, LabelSplit] = {}
     for label_id, is_valid, count in rows:

@@ -13,7 +13,7 @@ from PIL import Image, ImageFile
 
 from fastclass.ingest import MAX_BYTES, MAX_PIXELS
 from fastclass.ingest.hashes import compute_hashes
-from fastclass.store import ImageStore, StoredFile
+from fastclass.store import Store, StoredFile
 
 DEFAULT_MAX_BYTES = MAX_BYTES
 DEFAULT_MAX_PIXELS = MAX_PIXELS  # verify enforces the configured limit
@@ -126,7 +126,7 @@ def read_capped(path: Path, max_bytes: int) -> bytes:
     return data
 
 
-def prepare_bytes(data: bytes, store: ImageStore, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageFacts, StoredFile]:
+def prepare_bytes(data: bytes, store: Store, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageFacts, StoredFile]:
     facts = analyze_bytes(data, max_pixels)
     return facts, store.put(facts.sha256, facts.ext, data)
 

@@ -15,7 +15,7 @@ from fastclass.errors import FastclassError, NotFoundError
 from fastclass.ingest.analyze import DEFAULT_MAX_BYTES, NotAnImage, prepare_bytes, read_capped
 from fastclass.ingest.record import PreparedImage, RecordResult, SourceInfo, commit_batch
 from fastclass.labels import normalize_label
-from fastclass.store import ImageStore, S3ImageStore, StoreError
+from fastclass.store import Store
 from fastclass.text import printable
 from fastclass.workers import Budget, IsolatedPool
 
@@ -48,7 +48,7 @@ class ImportResult:
 class _Task:
     path: str
     label: str
-    store: ImageStore | S3ImageStore
+    store: Store
     max_bytes: int
 
 
@@ -155,7 +155,7 @@ def _prepare(task: _Task) -> tuple[PreparedImage | None, str | None]:
     return PreparedImage(facts, stored, task.label, source), None
 
 
-def import_folder(session: Session, store: ImageStore, root: Path, label: str | None = None,
+def import_folder(session: Session, store: Store, root: Path, label: str | None = None,
                   workers: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                   progress: Progress | None = None, budget: Budget = Budget()) -> ImportResult:
     """Import every image under root; commits every BATCH_SIZE files, so an interrupt loses one batch at most.
@@ -186,7 +186,7 @@ def import_folder(session: Session, store: ImageStore, root: Path, label: str | 
             if progress:
                 progress(done, len(tasks))
         _commit(session, store, batch, result)
-    except BaseException as exc:
+    except BaseException:
         # An interrupt or error: what was prepared but not committed leaves no file behind (the workers
         # stop first, so none writes after the sweep).
         if pool is not None:
@@ -200,8 +200,6 @@ def import_folder(session: Session, store: ImageStore, root: Path, label: str | 
             # twins stay, and the next command that opens the catalog clears them and their files.
             log.warning("could not clear this import's unrecorded files now; the next fastclass command will",
                         exc_info=log.isEnabledFor(logging.DEBUG))
-        if isinstance(exc, StoreError):
-            raise FastclassError(str(exc)) from exc
         raise
     finally:
         if pool is not None:
@@ -218,7 +216,7 @@ def _failed(task: _Task, reason: str) -> tuple[None, str]:
     return None, reason
 
 
-def _commit(session: Session, store: ImageStore, batch: list[PreparedImage], result: ImportResult) -> None:
+def _commit(session: Session, store: Store, batch: list[PreparedImage], result: ImportResult) -> None:
     recorded: RecordResult = commit_batch(session, store, batch)
     result.new_images += recorded.new_images
     result.exact_duplicates += recorded.exact_duplicates

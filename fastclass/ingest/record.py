@@ -21,8 +21,8 @@ from fastclass.catalog import is_recorded_in
 from fastclass.ingest import MAX_PIXELS
 from fastclass.ingest.hashes import HASH_KINDS
 from fastclass.labels import label_ids
-from fastclass.lifecycle import LIVE, Conflict, take_write_lock
-from fastclass.store import ImageStore, StoredFile
+from fastclass.lifecycle import LIVE, Conflict, Status, take_write_lock
+from fastclass.store import Store, StoredFile
 
 if TYPE_CHECKING:
     from fastclass.ingest.analyze import ImageFacts
@@ -94,7 +94,7 @@ def record_batch(session: Session, items: Sequence[PreparedImage]) -> RecordResu
         new_rows.append({
             "sha256": facts.sha256, "store_path": item.stored.relpath, "format": facts.format,
             "width": facts.width, "height": facts.height, "mode": facts.mode, "bytes": facts.nbytes,
-            "status": "pending", "reason": facts.decode_error, "label_id": labels[item.label],
+            "status": Status.PENDING, "reason": facts.decode_error, "label_id": labels[item.label],
             "created_at": now, "updated_at": now,
         })
         result.new_per_label[item.label] += 1
@@ -110,7 +110,9 @@ def record_batch(session: Session, items: Sequence[PreparedImage]) -> RecordResu
             insert_rows(session, ImageHash.__table__, hash_rows)
     result.new_images = len(new_rows)
     result.exact_duplicates = len(items) - len(new_rows)
-    result.new_sources = _insert_sources(session, items, ids, labels, now, set(new_facts))
+    result.new_sources = record_sources(
+        session, [(ids[item.facts.sha256], labels[item.label], item.source) for item in items],
+        {ids[sha] for sha in new_facts})
     result.new_claims = open_claim_conflicts(session, {ids[item.facts.sha256] for item in items})
     session.flush()
     return result
@@ -148,27 +150,24 @@ def _claimed_since(session: Session, image_id: int) -> bool:
     return last is None or (newest is not None and newest > last)
 
 
-def _insert_sources(session: Session, items: Sequence[PreparedImage], ids: dict[str, int],
-                    labels: dict[str, int], now: dt.datetime, new_shas: set[str]) -> int:
-    keys = {(ids[i.facts.sha256], i.source.uri, labels[i.label]): i for i in items}
+def record_sources(session: Session, claims: Sequence[tuple[int, int, SourceInfo]],
+                   new_images: set[int] = frozenset()) -> int:
+    """Record where images came from: one source row per (image id, label id, provenance) not recorded
+    before; returns how many were added. The one place source rows are written (import, crawl, and a
+    crawl that finds a URL fetched before for another class). Images in new_images, inserted by this
+    transaction, cannot have sources yet and skip the lookup."""
+    keys = {(image_id, source.uri, label_id): source for image_id, label_id, source in claims}
     existing: set[tuple] = set()
-    # Images inserted by this batch cannot have sources yet; only known images need the lookup.
-    key_list = [key for key, item in keys.items() if item.facts.sha256 not in new_shas]
-    for chunk in _chunks(key_list, SQL_CHUNK):
+    for chunk in _chunks([key for key in keys if key[0] not in new_images], SQL_CHUNK):
         existing.update(session.execute(
             select(Source.image_id, Source.uri, Source.label_id).where(
                 tuple_(Source.image_id, Source.uri, Source.label_id).in_(chunk))
         ).all())
-    rows = []
-    for key, item in keys.items():
-        if key in existing:
-            continue
-        src = item.source
-        rows.append({
-            "image_id": key[0], "label_id": key[2], "uri": src.uri, "engine": src.engine, "query": src.query,
-            "crawl_job_id": src.crawl_job_id, "rank": src.rank, "page_url": src.page_url,
-            "http_status": src.http_status, "content_type": src.content_type, "fetched_at": src.fetched_at or now,
-        })
+    now = utcnow()
+    rows = [{"image_id": key[0], "label_id": key[2], "uri": src.uri, "engine": src.engine, "query": src.query,
+             "crawl_job_id": src.crawl_job_id, "rank": src.rank, "page_url": src.page_url,
+             "http_status": src.http_status, "content_type": src.content_type, "fetched_at": src.fetched_at or now}
+            for key, src in keys.items() if key not in existing]
     if rows:
         insert_rows(session, Source.__table__, rows)
     return len(rows)
@@ -235,7 +234,7 @@ def ids_by_sha256(session: Session, shas: Sequence[str]) -> dict[str, int]:
     return found
 
 
-def commit_batch(session: Session, store: ImageStore, items: Sequence[PreparedImage]) -> RecordResult:
+def commit_batch(session: Session, store: Store, items: Sequence[PreparedImage]) -> RecordResult:
     """Record and commit a batch; on any failure roll back and remove the files nobody else claims."""
     try:
         result = record_batch(session, items)
@@ -248,7 +247,7 @@ def commit_batch(session: Session, store: ImageStore, items: Sequence[PreparedIm
     return result
 
 
-def ingest_bytes(session: Session, store: ImageStore, data: bytes, label: str, source: SourceInfo,
+def ingest_bytes(session: Session, store: Store, data: bytes, label: str, source: SourceInfo,
                  max_pixels: int = MAX_PIXELS) -> RecordResult:
     """Ingest one image's bytes and commit (crawl and single-file callers); raises NotAnImage."""
     from fastclass.ingest.analyze import prepare_bytes
