@@ -32,6 +32,7 @@ bench: venv
 	$(PY) bench/crawl.py
 	$(PY) bench/train.py
 	$(PY) bench/scaling.py
+	$(PY) bench/startup.py
 
 clean:
 	rm -rf demo bench/out .pytest_cache

@@ -13,9 +13,10 @@ from sqlalchemy.orm import Session
 
 from db import CatalogError, SchemaState, check_schema, open_engine, session_scope, upgrade_to_head
 from db.engine import display_url
-from db.models import Image, Setting
-from fastclass.errors import FastclassError
+from db.models import Image, Setting, TrainingRun
+from fastclass.errors import FastclassError, NotFoundError
 from fastclass.store import ImageStore, Store, StoreError, open_store
+from fastclass.text import parse_id
 
 DEFAULT_CATALOG = "fastclass.db"
 DEFAULT_STORE = "images"
@@ -48,6 +49,15 @@ def is_recorded_in(session: Session):
         return session.execute(select(Image.id).where(Image.sha256 == sha256)).first() is not None
 
     return is_recorded
+
+
+def find_run(session: Session, run_id: int | str) -> TrainingRun:
+    """A training run by the id a user typed (the one run lookup: clean --run, runs show, interpret, predict)."""
+    text = str(run_id).strip()
+    run = session.get(TrainingRun, parse_id(text)) if parse_id(text) is not None else None
+    if run is None:
+        raise NotFoundError(f"no training run {text!r} in the catalog (see `fastclass runs`)")
+    return run
 
 
 @dataclass

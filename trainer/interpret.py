@@ -14,10 +14,11 @@ from sqlalchemy import delete, insert
 from sqlalchemy.orm import Session
 
 from db.models import RunLoss, RunStatus, Snapshot
+from fastclass.catalog import find_run
 from fastclass.errors import FastclassError
 from fastclass.store import Store
 from trainer.data import snapshot_data
-from trainer.runs import EXPORT_NAME, get_run
+from trainer.runs import EXPORT_NAME
 
 INSERT_CHUNK = 1000
 
@@ -72,7 +73,7 @@ def interpret_run(session: Session, store: Store, run_ref: str, out_dir: Path | 
     """Predict every image of the run's snapshot, store each image's loss, write the reports to out_dir."""
     import torch
 
-    run = get_run(session, run_ref)
+    run = find_run(session, run_ref)
     if run.status != RunStatus.DONE.value:
         raise FastclassError(f"run {run.id} did not finish (status {run.status}); only a finished run has a model")
     learn = load_exported(Path(run.artifact_dir) / EXPORT_NAME, device)

@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 
 from db.models import RunEpoch, RunStatus, Snapshot, TrainingRun, utcnow
 from fastclass import __version__
-from fastclass.errors import FastclassError, NotFoundError
+from fastclass.catalog import find_run
+from fastclass.errors import FastclassError
 from fastclass.store import process_alive
-from fastclass.text import parse_id
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.csv"
@@ -101,14 +101,6 @@ def shown_status(run: TrainingRun) -> str:
     return run.status
 
 
-def get_run(session: Session, run_id: int | str) -> TrainingRun:
-    text = str(run_id).strip()
-    run = session.get(TrainingRun, parse_id(text)) if parse_id(text) is not None else None
-    if run is None:
-        raise NotFoundError(f"no training run {text!r} in the catalog (see `fastclass runs`)")
-    return run
-
-
 def _summary(run: TrainingRun, snapshot: str, epochs: int) -> dict:
     seconds = ((run.finished_at or utcnow()) - run.started_at).total_seconds()
     return {"id": run.id, "snapshot": snapshot, "arch": run.arch, "status": shown_status(run), "epochs": epochs,
@@ -130,7 +122,7 @@ def list_runs(session: Session, limit: int | None = None) -> list[dict]:
 
 def show_run(session: Session, run_id: int | str) -> dict:
     """One run: summary, resolved config, code version and every epoch row."""
-    run = get_run(session, run_id)
+    run = find_run(session, run_id)
     snapshot = session.get(Snapshot, run.snapshot_id)
     rows = session.scalars(select(RunEpoch).where(RunEpoch.run_id == run.id).order_by(RunEpoch.epoch)).all()
     data = _summary(run, snapshot.name, len(rows))

@@ -59,8 +59,8 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
     """Crawl web images for one class (QUERY), every class of a CSV (--from), or unfinished crawls (--resume)."""
     from fastclass.crawl.crawler import run_crawl
     from fastclass.crawl.engines import DEFAULT_ENGINES
-    from fastclass.crawl.jobs import jobs_to_resume
-    from fastclass.crawl.options import CrawlOptions, label_from_query, parse_engine_urls, parse_filters, read_class_csv
+    from fastclass.crawl.jobs import plan_crawls
+    from fastclass.crawl.options import CrawlOptions, parse_engine_urls, parse_filters
     from fastclass.curate.verify import parse_size
 
     if sum(bool(x) for x in (query, from_csv, resume)) > 1:
@@ -73,35 +73,23 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
     if not (query or from_csv or resume or pages or urls_file):
         raise click.UsageError("give a QUERY, --from FILE.csv, --resume, --url PAGE or --urls FILE")
 
-    def options_for(text: str, name: str) -> CrawlOptions:
-        return CrawlOptions(
-            query=text, label=name, engines=engine_list, max_new=max_new,
-            min_size=parse_size(min_size) if min_size else None, threads=threads, per_host=per_host,
-            filters=parse_filters(list(filters)), pages=list(pages),
-            urls_file=str(urls_file.resolve()) if urls_file else None,
-            engine_urls=parse_engine_urls(list(engine_urls)), max_bytes=_parse_bytes(max_bytes), timeout=timeout,
-            retries=retries, max_failures=max_failures)
-
-    bad_rows: list[str] = []
+    if not (query or label or from_csv or resume):
+        raise click.UsageError("--label is needed when there is no QUERY")
+    template = CrawlOptions(
+        query="", label="", engines=engine_list, max_new=max_new,
+        min_size=parse_size(min_size) if min_size else None, threads=threads, per_host=per_host,
+        filters=parse_filters(list(filters)), pages=list(pages),
+        urls_file=str(urls_file.resolve()) if urls_file else None,
+        engine_urls=parse_engine_urls(list(engine_urls)), max_bytes=_parse_bytes(max_bytes), timeout=timeout,
+        retries=retries, max_failures=max_failures)
     reports = []
     with opts.session() as (catalog, session):
-        if resume:
-            planned = [(job_id, options) for job_id, options in jobs_to_resume(session)]
-            if not planned:
-                click.echo("Nothing to resume: every crawl finished.", err=True)
-        elif from_csv:
-            rows, bad_rows = read_class_csv(from_csv)
-            for message in bad_rows:
-                click.echo(f"Warning: {message}", err=True)
-            planned = [(None, options_for(row.query, row.label)) for row in rows]
-        else:
-            from fastclass.labels import normalize_label
-
-            text = query or ""
-            name = normalize_label(label) if label else label_from_query(text) if text else None
-            if name is None:
-                raise click.UsageError("--label is needed when there is no QUERY")
-            planned = [(None, options_for(text, name))]
+        plan = plan_crawls(session, template, query, label, from_csv, resume)
+        bad_rows, planned = plan.bad_rows, plan.runs
+        for message in bad_rows:
+            click.echo(f"Warning: {message}", err=True)
+        if resume and not planned:
+            click.echo("Nothing to resume: every crawl finished.", err=True)
         log_dir = catalog.work_dir / "logs"
         if enqueue:
             from fastclass.crawl.jobqueue import enqueue_crawl

@@ -19,12 +19,13 @@ from fastclass.cli import (
     pass_options,
     progress_reporter,
 )
+from fastclass.ingest import MAX_PIXELS
 
 
 @cli.command()
 @click.option("--label", metavar="NAME", help="Only images of this label.")
 @click.option("--min-size", default="32x32", show_default=True, metavar="WxH", help="Reject images smaller than this.")
-@click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
               help="Reject images with more pixels (decompression bombs).")
 @click.option("--max-aspect", type=FINITE_AT_LEAST_ONE, default=10.0, show_default=True,
               help="Reject images whose long side is more than this many times the short side.")

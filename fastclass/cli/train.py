@@ -271,10 +271,10 @@ def predict(opts: Options, run_ref: str, images: tuple[Path, ...], tta: bool, to
     if run_ref.isdigit():
         # A run id, always: a folder that happens to be named like one (class folders 0-9) must not decide
         # which pickle runs. Give a folder as a path (./1) to use it.
-        from trainer.runs import get_run
+        from fastclass.catalog import find_run
 
         with opts.session() as (_, session):
-            run_path = Path(get_run(session, run_ref).artifact_dir)
+            run_path = Path(find_run(session, run_ref).artifact_dir)
     else:
         run_path = Path(run_ref)
         if not run_path.exists():

@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import CrawlJob, Label
-from fastclass.crawl.options import CrawlOptions
+from fastclass.crawl.options import CrawlOptions, label_from_query, read_class_csv
+from fastclass.labels import normalize_label
 from fastclass.store import process_alive
 
 
@@ -58,3 +61,25 @@ def jobs_to_resume(session: Session) -> list[tuple[int, CrawlOptions]]:
         if unfinished:
             todo.append((job.id, CrawlOptions.from_json(job.params)))
     return todo
+
+
+@dataclass
+class CrawlPlan:
+    runs: list[tuple[int | None, CrawlOptions]]
+    """(the job a run resumes, or None; its options), in order."""
+    bad_rows: list[str] = field(default_factory=list)
+    """One message per bad row of a --from CSV (the good rows are planned)."""
+
+
+def plan_crawls(session: Session, template: CrawlOptions, query: str | None, label: str | None,
+                from_csv: Path | None, resume: bool) -> CrawlPlan:
+    """The crawls one `crawl` command runs: every unfinished class (resume), a class per CSV row, or the
+    one class of QUERY / --label, each with the template's options."""
+    if resume:
+        return CrawlPlan(jobs_to_resume(session))
+    if from_csv is not None:
+        rows, bad_rows = read_class_csv(from_csv)
+        return CrawlPlan([(None, replace(template, query=row.query, label=row.label)) for row in rows], bad_rows)
+    text = query or ""
+    name = normalize_label(label) if label else label_from_query(text)
+    return CrawlPlan([(None, replace(template, query=text, label=name))])

@@ -16,7 +16,8 @@ from typing import Iterable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Image, Label, Review, RunLoss, Source, TrainingRun, utcnow
+from db.models import Image, Label, Review, RunLoss, Source, utcnow
+from fastclass.catalog import find_run
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.labels import existing_label_id, label_exists, label_ids, normalize_label, unknown_label
 from fastclass.lifecycle import LIVE, Status
@@ -283,10 +284,7 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
 
 def run_with_losses(session: Session, run: str) -> int:
     """The id of a training run that `interpret` has given per-image losses."""
-    text = str(run).strip()
-    found = session.get(TrainingRun, parse_id(text)) if parse_id(text) is not None else None
-    if found is None:
-        raise NotFoundError(f"no training run {text!r} in the catalog (see `fastclass runs`)")
+    found = find_run(session, run)
     if session.scalar(select(RunLoss.image_id).where(RunLoss.run_id == found.id).limit(1)) is None:
         raise FastclassError(f"run {found.id} has no per-image losses yet; run `fastclass interpret {found.id}` first")
     return found.id
