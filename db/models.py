@@ -178,6 +178,8 @@ class Source(Base):
     page_url: Mapped[Optional[str]] = mapped_column(Text)
     http_status: Mapped[Optional[int]] = mapped_column(Integer)
     content_type: Mapped[Optional[str]] = mapped_column(String(200))
+    license: Mapped[Optional[str]] = mapped_column(String(32))
+    """The --license filter the crawl asked its engine for (None: no filter, or not crawled)."""
     fetched_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 

@@ -129,15 +129,19 @@ def test_changed_markup_is_reported_and_other_engines_go_on(initialized_catalog,
 
 def test_failing_hosts_and_a_refusing_engine_stop_that_engine(initialized_catalog, site):
     site.results["*"] = [site.url("/special/missing.jpg") + f"?{n}" for n in range(40)]
-    report = json.loads(crawl(initialized_catalog, site, "lynx", "--max-failures", "5").stdout)
+    failed = crawl(initialized_catalog, site, "lynx", "--max-failures", "5")
+    report = json.loads(failed.stdout)
     assert report["engines"]["bing"]["problem"].startswith("bing: stopped after 5 downloads in a row failed")
     assert report["status"] == "failed" and report["engines"]["bing"]["failed"] < 40
+    # No engine delivered: exit 1 after the JSON summary, each problem printed once.
+    assert failed.exit_code == 1 and failed.stderr.count("stopped after 5 downloads") == 1
+    assert failed.stderr.splitlines()[-1] == "Error: no engine could deliver for lynx (the problems are listed above)"
 
     site.engine_refusal = 429
     pages_before = site.hits["/images/async"]
     refused = json.loads(crawl(initialized_catalog, site, "ocelot", "--retries", "2").stdout)
     assert refused["engines"]["bing"]["problem"] == (
-        "bing refused our requests (HTTP 429 on https://www.bing.com/images/async?q=ocelot&first=0): it is "
+        f"bing refused our requests (HTTP 429 on {site.base}/images/async?q=ocelot&first=0): it is "
         "blocking or rate-limiting this machine; wait, then re-run to continue")
     assert site.hits["/images/async"] - pages_before == 3, "the first try and two retries"
 
@@ -237,7 +241,7 @@ def test_a_killed_crawl_resumes_without_fetching_anything_twice(slow_site, tmp_p
 def test_usage_errors(initialized_catalog, site):
     assert run_cli(["crawl"], initialized_catalog).exit_code == 2
     assert run_cli(["crawl", "x", "--engine", "altavista"], initialized_catalog).stderr == \
-        "Error: unknown engine 'altavista'; use one of: baidu, bing, flickr, google, greedy, urls\n"
+        "Error: unknown engine 'altavista'; use one of: baidu, bing, ddg, flickr, google, greedy, urls\n"
     assert run_cli(["crawl", "x", "--filter", "type"], initialized_catalog).stderr == \
         "Error: --filter 'type' is not KEY=VALUE, e.g. type=photo\n"
     bad_filter = crawl(initialized_catalog, site, "x", "--filter", "type=hologram")
@@ -261,3 +265,32 @@ def test_crawl_and_resume_on_each_backend(catalog, site):
     jobs = json.loads(run_cli(["jobs", "--json"], location).stdout)
     assert [(j["label"], j["status"], j["new"]) for j in jobs] == [("bird", "done", 0), ("owl", "done", 5),
                                                                    ("owl", "done", 10)]
+
+
+def test_ddg_engine_reads_its_token_pages_through_next_and_stops_when_refused(sqlite_catalog, site):
+    site.results["*"] = jpegs(site, range(10))
+    site.ddg_per_page, site.ddg_refuse_from = 4, 8
+    result = crawl(sqlite_catalog, site, "owl", "--max", "50", engine="ddg")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    # Two pages of four, then the third page is refused (403): the engine stops with that message.
+    assert report["found"] == 8 and report["new_images"] == 8, report
+    assert report["engines"]["ddg"]["problem"].startswith(f"ddg refused our requests (HTTP 403 on {site.base}/i.js?")
+    assert result.stderr.count("refused our requests") == 1, "each problem is printed once"
+    assert [q.get("s", ["0"])[0] for q in site.ddg_requests] == ["0", "4", "8"]
+    assert all(q["vqd"] == [site.DDG_VQD] for q in site.ddg_requests)
+    pages = catalog_rows(sqlite_catalog, "SELECT page_url FROM sources ORDER BY rank")
+    assert pages[0] == (site.url("/page/ddg0"),)
+
+
+def test_license_filter_reaches_the_engine_and_the_provenance(sqlite_catalog, site):
+    site.results["*"] = jpegs(site, range(3))
+    result = crawl(sqlite_catalog, site, "owl", "--license", "share-commercial", engine="ddg")
+    assert json.loads(result.stdout)["new_images"] == 3
+    assert site.ddg_requests[0]["f"] == [",,,,license:ShareCommercially"]
+    assert catalog_rows(sqlite_catalog, "SELECT DISTINCT license FROM sources") == [("share-commercial",)]
+    bing = crawl(sqlite_catalog, site, "heron", "--license", "public", engine="bing")
+    assert bing.exit_code == 0
+    refused = run_cli(["crawl", "owl", "--engine", "baidu", "--license", "public"], sqlite_catalog)
+    assert refused.exit_code == 1 and refused.stderr == (
+        "Error: the baidu engine cannot filter by licence (--license public); engines that can: bing, ddg, flickr\n")

@@ -34,6 +34,9 @@ class EngineSite:
         self.lock = threading.Lock()
         self.broken_markup = False
         self.drip_seconds = 0.2
+        self.ddg_per_page = 100
+        self.ddg_refuse_from: int | None = None
+        self.ddg_requests: list[dict] = []
         self.redirect_to = "http://169.254.169.254/latest/meta-data/"
         self.closing = threading.Event()
         self.engine_refusal: int | None = None
@@ -90,6 +93,10 @@ class EngineSite:
             return self.send(h, 200, self.baidu_json(query), "application/json")
         if path == "/search":
             return self.send(h, 200, self.google_page(query), "text/html; charset=utf-8")
+        if path == "/" and "iax" in query:
+            return self.send(h, 200, self.ddg_page(query), "text/html; charset=utf-8")
+        if path == "/i.js":
+            return self.ddg_json(h, query)
         if path == "/services/rest/":
             return self.send(h, 200, self.flickr_json(query), "application/json")
         if path.startswith("/page/"):
@@ -214,6 +221,35 @@ class EngineSite:
         return ('<!DOCTYPE html><html><body><ul class="dgControl_list">'
                 + "".join(f'<li data-idx="{i}">{item}</li>' for i, item in enumerate(items))
                 + "</ul></body></html>").encode()
+
+    DDG_VQD = "4-211276329716118468713371357133466951023"
+
+    def ddg_page(self, query: dict) -> bytes:
+        """DuckDuckGo's search page: the token for the JSON API sits in a script."""
+        return (f'<!DOCTYPE html><html><head><script>DDG.deep.initialize("/d.js?q={html.escape(query["q"][0])}'
+                f'&l=us-en&s=0&dl=en&ct=US&ss_mkt=us&vqd="{self.DDG_VQD}"&p_ent=&ex=-1");</script></head>'
+                '<body><div id="zero_click_wrapper"></div></body></html>').encode()
+
+    def ddg_json(self, h: BaseHTTPRequestHandler, query: dict) -> None:
+        """DuckDuckGo's i.js: `results` with image, thumbnail, url, title, width, height, source; `next` names
+        the following page. A wrong token, or a page at or past ddg_refuse_from, is refused with 403."""
+        with self.lock:
+            self.ddg_requests.append(query)
+        offset = int(query.get("s", ["0"])[0])
+        if query.get("vqd", [""])[0] != self.DDG_VQD or (self.ddg_refuse_from is not None and
+                                                          offset >= self.ddg_refuse_from):
+            return self.send(h, 403, b"", "text/html")
+        text = query.get("q", [""])[0]
+        everything = self.results.get(text, self.results.get("*", []))
+        urls = everything[offset:offset + self.ddg_per_page]
+        data = {"query": text, "queryEncoded": text, "ads": None, "vqd": {text: self.DDG_VQD},
+                "results": [{"height": 480, "width": 640, "image": u, "image_token": f"t{offset + n}",
+                             "source": "Bing", "thumbnail": f"https://tse2.mm.bing.net/th?id=OIP.{offset + n}",
+                             "title": f"result {offset + n}", "url": self.url(f"/page/ddg{offset + n}")}
+                            for n, u in enumerate(urls)]}
+        if offset + self.ddg_per_page < len(everything) or self.ddg_refuse_from is not None:
+            data["next"] = f"i.js?q={text}&o=json&p=1&s={offset + self.ddg_per_page}&u=bing&f=,,,&l=us-en"
+        return self.send(h, 200, json.dumps(data).encode(), "application/json")
 
     def baidu_json(self, query: dict) -> bytes:
         """Baidu's acjson answer; hoverURL carries the image (objURL is Baidu's obfuscated copy)."""

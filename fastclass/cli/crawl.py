@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from fastclass.cli import COUNT, Options, cli, echo_json, json_option, pass_options, progress_reporter
+from fastclass.crawl import LICENSES
 
 
 def _parse_bytes(text: str) -> int:
@@ -21,7 +22,7 @@ def _parse_bytes(text: str) -> int:
 @click.argument("query", required=False)
 @click.option("--label", metavar="NAME", help="Label of the images [default: the query, spaces to underscores].")
 @click.option("--engine", "engines", multiple=True, metavar="NAME",
-              help="bing, baidu, google, flickr, greedy or urls (repeatable) [default: bing, baidu, google; "
+              help="bing, ddg, baidu, google, flickr, greedy or urls (repeatable) [default: bing, ddg, baidu; "
                    "greedy with --url, urls with --urls].")
 @click.option("--max", "max_new", type=COUNT, default=100, show_default=True,
               help="Stop when the class has this many new images from this run.")
@@ -49,19 +50,24 @@ def _parse_bytes(text: str) -> int:
               help="Only queue the job(s), for `fastclass worker`s on any machine to run.")
 @click.option("--allow-private", is_flag=True,
               help="Also fetch from loopback, private and link-local addresses (intranets, local test servers).")
+@click.option("--license", "license_", type=click.Choice(LICENSES), default="any", show_default=True,
+              help="Only images whose licence allows this reuse, through each engine's own filter (recorded "
+                   "with each source); engines without a licence filter are refused.")
 @json_option("job record(s)")
 @pass_options
 def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[str, ...], max_new: int,
           min_size: str | None, threads: int, per_host: int, filters: tuple[str, ...], pages: tuple[str, ...],
           urls_file: Path | None, engine_urls: tuple[str, ...], from_csv: Path | None, resume: bool, timeout: float,
-          max_bytes: str, retries: int, max_failures: int, enqueue: bool, allow_private: bool,
+          max_bytes: str, retries: int, max_failures: int, enqueue: bool, allow_private: bool, license_: str,
           as_json: bool) -> None:
-    """Crawl web images for one class (QUERY), every class of a CSV (--from), or unfinished crawls (--resume)."""
+    """Crawl web images for one class (QUERY), every class of a CSV (--from), or unfinished crawls (--resume).
+    Exits 1 when no engine could deliver for a class."""
     from fastclass.crawl.crawler import run_crawl
     from fastclass.crawl.engines import DEFAULT_ENGINES
     from fastclass.crawl.jobs import plan_crawls
     from fastclass.crawl.options import CrawlOptions, parse_engine_urls, parse_filters
     from fastclass.curate.verify import parse_size
+    from fastclass.text import printable
 
     if sum(bool(x) for x in (query, from_csv, resume)) > 1:
         raise click.UsageError("give one of QUERY, --from FILE.csv or --resume")
@@ -81,7 +87,7 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
         filters=parse_filters(list(filters)), pages=list(pages),
         urls_file=str(urls_file.resolve()) if urls_file else None,
         engine_urls=parse_engine_urls(list(engine_urls)), max_bytes=_parse_bytes(max_bytes), timeout=timeout,
-        retries=retries, max_failures=max_failures)
+        retries=retries, max_failures=max_failures, license=license_)
     reports = []
     with opts.session() as (catalog, session):
         plan = plan_crawls(session, template, query, label, from_csv, resume)
@@ -105,6 +111,8 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
                 finish()
             if not as_json:
                 _echo_crawl(reports[-1], options.max_new)
+            for problem in reports[-1].problems:
+                click.echo(printable(f"Warning: {problem}"), err=True)
     if enqueue:
         if as_json:
             echo_json([{"id": job_id, "label": o.label, "query": o.query, "status": "queued"} for job_id, o in queued])
@@ -116,6 +124,10 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
     if bad_rows:
         raise click.ClickException(f"{len(bad_rows)} bad row(s) in {from_csv} (listed above); "
                                    "the other classes were crawled")
+    empty = [r.label for r in reports if r.status == "failed"]
+    if empty:
+        raise click.ClickException(f"no engine could deliver for {', '.join(empty)} (the problems are listed "
+                                   "above)")
 
 
 def _echo_crawl(report, max_new: int) -> None:
@@ -135,8 +147,6 @@ def _echo_crawl(report, max_new: int) -> None:
                    f"{stats.duplicates:6d} {stats.failed:7d}")
     for reason, count in (report.rejected + report.failed).most_common():
         click.echo(printable(f"  {count:6d}  {reason}"))
-    for problem in report.problems:
-        click.echo(printable(f"Warning: {problem}"), err=True)
 
 
 @cli.command()
@@ -182,10 +192,14 @@ def worker(opts: Options, concurrency: int, name: str | None, lease: float, poll
     from fastclass.crawl.jobqueue import run_worker
 
     def on_job(report) -> None:
+        from fastclass.text import printable
+
         if not as_json:
             click.echo(f"Crawl job {report.job_id} {report.status}: {report.label}: {report.new_images} new, "
                        f"{report.exact_duplicates} already known, {sum(report.rejected.values())} rejected, "
                        f"{sum(report.failed.values())} failed; {report.seconds:.1f} s")
+        for problem in report.problems:
+            click.echo(printable(f"Warning: job {report.job_id}: {problem}"), err=True)
 
     catalog = opts.open()
     try:

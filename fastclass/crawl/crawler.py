@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from db.models import CrawlJob, FetchedUrl, utcnow
 from fastclass import __version__
 from fastclass.catalog import is_recorded_in
-from fastclass.crawl.engines import EngineProblem, EngineRequest, Hit, get_engine
+from fastclass.crawl.engines import EngineProblem, EngineRequest, Hit, get_engine, license_filter
 from fastclass.crawl.fetch import Fetcher, FetchFailed, Stopped, http_url
 from fastclass.crawl.jobs import job_params
 from fastclass.crawl.options import CrawlOptions
@@ -188,6 +188,7 @@ class Crawler:
         self.analysis_pool = IsolatedPool(min(os.cpu_count() or 1, 8))
         self.host_limits = _HostLimits(options.per_host)
         self.page_session = self.fetcher.requests_session(rewrites)
+        self._license = options.license if options.license != "any" else None
         self.pending: list[_Outcome] = []
         self.failures: list[_Outcome] = []
         self.last_flush = time.monotonic()
@@ -199,20 +200,20 @@ class Crawler:
     # -- result pages ---------------------------------------------------------------------------
     def fetch_page(self, engine: str, url: str) -> requests.Response:
         """An engine's result page (or a greedy page), within the page limits, as the requests.Response
-        that icrawler's parsers read."""
+        that icrawler's parsers read. Problems name the URL actually fetched (an --engine-url target)."""
         target = self.page_session.rewrite(url)
         try:
             fetched = self.fetcher.get(target, MAX_PAGE_BYTES)
         except FetchFailed as failure:
             code = failure.status or 0
-            if code in (403, 429):
-                raise EngineProblem(f"{engine} refused our requests (HTTP {code} on {url}): it is blocking "
+            if code in (403, 418, 429):
+                raise EngineProblem(f"{engine} refused our requests (HTTP {code} on {target}): it is blocking "
                                     "or rate-limiting this machine; wait, then re-run to continue") from None
             if code >= 400:
-                raise EngineProblem(f"{engine} answered HTTP {code} for its result page {url}") from None
+                raise EngineProblem(f"{engine} answered HTTP {code} for its result page {target}") from None
             if failure.rejected and "byte cap" in failure.reason:
-                raise EngineProblem(f"{engine}: result page {url} is larger than {MAX_PAGE_BYTES} bytes") from None
-            raise EngineProblem(f"{engine}: cannot fetch its result page {url}: {failure.reason}") from None
+                raise EngineProblem(f"{engine}: result page {target} is larger than {MAX_PAGE_BYTES} bytes") from None
+            raise EngineProblem(f"{engine}: cannot fetch its result page {target}: {failure.reason}") from None
         response = requests.Response()
         response.status_code = fetched.status
         response.url = fetched.url
@@ -253,7 +254,7 @@ class Crawler:
             return outcome
         facts, outcome.stored = verdict
         source = SourceInfo(hit.url, engine, self.options.query, None, rank, hit.page_url,
-                            outcome.http_status, outcome.content_type, utcnow())
+                            outcome.http_status, outcome.content_type, utcnow(), self._license)
         outcome.prepared = PreparedImage(facts, outcome.stored, self.options.label, source)
         return outcome
 
@@ -305,7 +306,7 @@ class Crawler:
         opts = self.options
         engine = get_engine(name)
         request = EngineRequest(opts.query, dict(opts.filters), list(opts.pages),
-                                Path(opts.urls_file) if opts.urls_file else None, self.page_session)
+                                Path(opts.urls_file) if opts.urls_file else None, self.page_session, opts.license)
         hits = engine.results(request, lambda url: self.fetch_page(name, url))
         rank = 0
         self.consecutive_failures = 0
@@ -327,7 +328,7 @@ class Crawler:
             message = str(problem) + (f" (page saved to {saved})" if saved else "")
             stats.problem = message
             report.problems.append(message)
-            log.warning("%s", message)
+            log.debug("%s", message)  # the report carries it; the command prints it once
         # Let this engine's downloads finish and be recorded before the next engine starts, so its counts
         # are its own and the next engine sees every URL this one fetched.
         self._drain(in_flight, report, wait_all=True)
@@ -346,7 +347,7 @@ class Crawler:
             stats.problem = (f"{name}: stopped after {self.options.max_failures} downloads in a row failed "
                              f"(last: {self.last_failure}); the image hosts may be blocking us")
             report.problems.append(stats.problem)
-            log.warning("%s", stats.problem)
+            log.debug("%s", stats.problem)
         return stats.problem is not None
 
     def _filter_known(self, hits: list[Hit], engine: str, stats: EngineStats, report: CrawlReport) -> list[Hit]:
@@ -378,7 +379,8 @@ class Crawler:
         serialize_writes(self.session)
         ids = ids_by_sha256(self.session, [sha for sha, _ in reused])
         claims = [(ids[sha], self.label_id, SourceInfo(hit.url, engine, self.options.query, self.job_id,
-                                                        page_url=hit.page_url, fetched_at=utcnow()))
+                                                        page_url=hit.page_url, fetched_at=utcnow(),
+                                                        license=self._license))
                   for sha, hit in reused if sha in ids]
         added = record_sources(self.session, claims)
         if added:
@@ -474,12 +476,18 @@ def _fetched_row(outcome: _Outcome, job_id: int) -> dict:
 
 
 def _chunked(items: Iterator[Hit], size: int) -> Iterator[list[Hit]]:
+    """Hits in chunks; when the engine fails mid-way, the hits it listed before still come out first."""
     chunk: list[Hit] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
+    try:
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    except EngineProblem:
+        if chunk:
             yield chunk
-            chunk = []
+        raise
     if chunk:
         yield chunk
 
@@ -495,7 +503,8 @@ def check_options(options: CrawlOptions) -> None:
         if engine.needs_query and not options.query.strip():
             raise FastclassError(f"the {name} engine needs a search query")
         engine.check(EngineRequest(options.query, dict(options.filters), list(options.pages),
-                                   Path(options.urls_file) if options.urls_file else None))
+                                   Path(options.urls_file) if options.urls_file else None, license=options.license))
+        license_filter(engine, options.license)
 
 
 def run_crawl(session: Session, store: Store, options: CrawlOptions, log_dir: Path,

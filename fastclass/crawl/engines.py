@@ -60,6 +60,8 @@ class EngineRequest:
     pages: list[str] = field(default_factory=list)
     urls_file: Path | None = None
     session: requests.Session | None = None
+    license: str = "any"
+    """One of LICENSES: which reuse the images' licences must allow ("any": no filter)."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,22 @@ class Engine:
     results: Callable[[EngineRequest, FetchPage], Iterator[Hit]]
     check: Callable[[EngineRequest], None] = lambda request: None
     needs_query: bool = True
+    licenses: dict[str, str] | None = None
+    """The engine's own filter value for each of LICENSES it can filter by; None: it has no licence filter."""
 
 
-DEFAULT_ENGINES = ("bing", "baidu", "google")
+# The engines that work without a key today, in the order a crawl asks them.
+DEFAULT_ENGINES = ("bing", "ddg", "baidu")
+
+
+def license_filter(engine: Engine, license: str) -> str | None:
+    """The engine's filter value for a --license, None for "any"; refuses an engine without a licence filter."""
+    if license == "any":
+        return None
+    if not engine.licenses or license not in engine.licenses:
+        raise FastclassError(f"the {engine.name} engine cannot filter by licence (--license {license}); "
+                             f"engines that can: {', '.join(n for n, e in ENGINES.items() if e.licenses)}")
+    return engine.licenses[license]
 
 
 def register_engine(engine: Engine) -> Engine:
@@ -138,8 +153,11 @@ def _bing_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
     from icrawler.builtin.bing import BingFeeder, BingParser
 
     # icrawler puts the keyword into Bing's (and Baidu's) URL unencoded: "g&l" would search for "g".
+    filters = dict(request.filters)
+    if request.license != "any":
+        filters["license"] = license_filter(ENGINES.lookup("bing"), request.license)
     pages = _feeder_pages(request, BingFeeder, 20, lambda feeder, offset: feeder.feed(
-        quote_plus(request.query), offset, 20, request.filters or None))
+        quote_plus(request.query), offset, 20, filters or None))
     parser = _icrawler(BingParser, request.session)
 
     def parse(response: requests.Response) -> list[Hit]:
@@ -181,6 +199,56 @@ def _google_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
     return _paged(request, fetch, pages, lambda r: [Hit(i["file_url"]) for i in parser.parse(r) or []])
 
 
+DDG_BASE = "https://duckduckgo.com"
+DDG_MAX_PAGES = 20
+_VQD = re.compile(r"""vqd=["']([\w-]+)["']|vqd=([\w-]+)&""")
+
+
+def _ddg_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
+    """DuckDuckGo images: the search page holds a `vqd` token; `i.js` pages of JSON results follow, each
+    naming the next one. Its refusals (403, 418, 429) end the engine as "refused our requests"."""
+    page = fetch(f"{DDG_BASE}/?q={quote_plus(request.query)}&iax=images&ia=images")
+    found = _VQD.search(page.content.decode("utf-8", "ignore"))
+    if not found:
+        raise EngineProblem(f"ddg: no vqd token on its search page {page.url}; its page format may have changed",
+                            page.content)
+    vqd = found.group(1) or found.group(2)
+    license = license_filter(ENGINES.lookup("ddg"), request.license)
+    # f= size,color,type,layout,license
+    filters = ",".join([request.filters.get(k, "") for k in ("size", "color", "type", "layout")]
+                       + [f"license:{license}" if license else ""])
+    url: str | None = (f"{DDG_BASE}/i.js?l=us-en&o=json&q={quote_plus(request.query)}&vqd={vqd}"
+                       f"&f={quote_plus(filters, safe=',:')}&p=1")
+    seen: set[str] = set()
+    for number in range(1, DDG_MAX_PAGES + 1):
+        if url is None:
+            return
+        response = fetch(url)
+        try:
+            data = json.loads(response.content)
+            results = data["results"]
+        except (ValueError, KeyError, TypeError):
+            raise EngineProblem(f"ddg answered {response.url} with something that is not its image JSON",
+                                response.content) from None
+        hits = [Hit(item["image"], item.get("url") if isinstance(item.get("url"), str) else None)
+                for item in results if isinstance(item, dict) and isinstance(item.get("image"), str)]
+        hits = [hit for hit in hits if hit.url not in seen]
+        if not hits:
+            if number == 1:
+                raise EngineProblem(f"parser found no results on {response.url}; the engine's page format may "
+                                    "have changed", response.content)
+            return
+        for hit in hits:
+            seen.add(hit.url)
+            yield hit
+        following = data.get("next") if isinstance(data, dict) else None
+        url = None
+        if isinstance(following, str) and following:
+            url = urljoin(DDG_BASE + "/", following)
+            if "vqd=" not in url:
+                url += f"&vqd={vqd}"
+
+
 FLICKR_KEY_ENV = "FLICKR_API_KEY"
 
 
@@ -196,7 +264,10 @@ def _flickr_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
     key = os.environ[FLICKR_KEY_ENV]
     feeder = _icrawler(FlickrFeeder, request.session)
     feeder.signal = _NeverDone()
-    feeder.feed(key, MAX_RESULTS, text=request.query, per_page=100, **request.filters)
+    filters = dict(request.filters)
+    if request.license != "any":
+        filters["license"] = license_filter(ENGINES.lookup("flickr"), request.license)
+    feeder.feed(key, MAX_RESULTS, text=request.query, per_page=100, **filters)
     parser = _icrawler(FlickrParser, request.session)
     sizes = ["original", "large 2048", "large 1600", "large", "medium 800", "medium"]
 
@@ -299,13 +370,23 @@ def _register_builtin() -> None:
     from icrawler.builtin.google import GoogleFeeder
 
     register_engine(Engine("bing", "Bing image search (no key)", "https://www.bing.com", _bing_results,
-                           _check_filters(BingFeeder)))
+                           _check_filters(BingFeeder), licenses={
+                               "public": "publicdomain", "share": "noncommercial", "share-commercial": "commercial",
+                               "modify": "noncommercial,modify", "modify-commercial": "commercial,modify"}))
+    register_engine(Engine("ddg", "DuckDuckGo image search (no key; rate-limits hard)", DDG_BASE, _ddg_results,
+                           licenses={"public": "Public", "share": "Share", "share-commercial": "ShareCommercially",
+                                     "modify": "Modify", "modify-commercial": "ModifyCommercially"}))
     register_engine(Engine("baidu", "Baidu image search (no key)", "http://image.baidu.com", _baidu_results,
                            _check_filters(BaiduFeeder, "&")))
-    register_engine(Engine("google", "Google image search (no key; its markup changes often)",
+    register_engine(Engine("google", "Google image search (no key; unreliable: its pages need JavaScript)",
                            "https://www.google.com", _google_results, _check_filters(GoogleFeeder, ",")))
+    # Flickr licence ids: 1-6 Creative Commons (3 and 6 no derivatives, 1-3 non-commercial), 7 no known
+    # copyright, 8 US government, 9 CC0, 10 public domain mark.
     register_engine(Engine("flickr", f"Flickr API (needs {FLICKR_KEY_ENV})", "https://api.flickr.com",
-                           _flickr_results, _flickr_check))
+                           _flickr_results, _flickr_check, licenses={
+                               "public": "7,8,9,10", "share": "1,2,3,4,5,6,7,8,9,10",
+                               "share-commercial": "4,5,6,7,8,9,10", "modify": "1,2,4,5,7,8,9,10",
+                               "modify-commercial": "4,5,7,8,9,10"}))
     register_engine(Engine("greedy", "every image on --url pages and the pages they link to on the same hosts",
                            None, _greedy_results, _greedy_check, needs_query=False))
     register_engine(Engine("urls", "the image URLs listed in --urls FILE", None, _urls_results, _urls_check,

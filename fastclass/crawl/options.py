@@ -34,6 +34,7 @@ class CrawlOptions:
     max_redirects: int = 5
     retries: int = 3
     max_failures: int = 30
+    license: str = "any"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

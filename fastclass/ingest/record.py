@@ -42,6 +42,7 @@ class SourceInfo:
     http_status: int | None = None
     content_type: str | None = None
     fetched_at: dt.datetime | None = None
+    license: str | None = None
 
 
 @dataclass
@@ -166,7 +167,8 @@ def record_sources(session: Session, claims: Sequence[tuple[int, int, SourceInfo
     now = utcnow()
     rows = [{"image_id": key[0], "label_id": key[2], "uri": src.uri, "engine": src.engine, "query": src.query,
              "crawl_job_id": src.crawl_job_id, "rank": src.rank, "page_url": src.page_url,
-             "http_status": src.http_status, "content_type": src.content_type, "fetched_at": src.fetched_at or now}
+             "http_status": src.http_status, "content_type": src.content_type, "license": src.license,
+             "fetched_at": src.fetched_at or now}
             for key, src in keys.items() if key not in existing]
     if rows:
         insert_rows(session, Source.__table__, rows)
