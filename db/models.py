@@ -183,6 +183,24 @@ class Source(Base):
     fetched_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class EngineCheck(Base):
+    """One canary check of a crawl engine (`fastclass engines check`): its figures and verdict."""
+
+    __tablename__ = "engine_checks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    engine: Mapped[str] = mapped_column(String(32), index=True)
+    checked_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    query: Mapped[str] = mapped_column(Text)
+    verdict: Mapped[str] = mapped_column(String(16))
+    page1: Mapped[int] = mapped_column(Integer)
+    page2: Mapped[int] = mapped_column(Integer)
+    sampled: Mapped[int] = mapped_column(Integer)
+    downloaded: Mapped[int] = mapped_column(Integer)
+    decoded: Mapped[int] = mapped_column(Integer)
+    problem: Mapped[Optional[str]] = mapped_column(Text)
+
+
 class Review(Base):
     """One review decision; rows are only ever added, so the history is complete."""
 

@@ -34,6 +34,7 @@ class EngineSite:
         self.lock = threading.Lock()
         self.broken_markup = False
         self.drip_seconds = 0.2
+        self.refuse_paths: set[str] = set()
         self.ddg_per_page = 100
         self.ddg_refuse_from: int | None = None
         self.ddg_requests: list[dict] = []
@@ -81,6 +82,8 @@ class EngineSite:
 
     # -- responses ------------------------------------------------------------------------------
     def route(self, h: BaseHTTPRequestHandler, path: str, query: dict, count: int) -> None:
+        if path in self.refuse_paths:
+            return self.send(h, 403, b"<html>blocked</html>", "text/html")
         if path == "/images/async" and self.engine_refusal:
             h.send_response(self.engine_refusal)
             h.send_header("Retry-After", "0")

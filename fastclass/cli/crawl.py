@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from fastclass.cli import COUNT, Options, cli, echo_json, json_option, pass_options, progress_reporter
-from fastclass.crawl import LICENSES
+from fastclass.crawl import CANARY_QUERY, LICENSES
 
 
 def _parse_bytes(text: str) -> int:
@@ -92,6 +92,11 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
     with opts.session() as (catalog, session):
         plan = plan_crawls(session, template, query, label, from_csv, resume)
         bad_rows, planned = plan.bad_rows, plan.runs
+        if not enqueue:
+            from fastclass.crawl.health import broken_warnings
+
+            for warning in broken_warnings(session, [e for _, o in planned for e in o.engines]):
+                click.echo(printable(f"Warning: {warning}"), err=True)
         for message in bad_rows:
             click.echo(f"Warning: {message}", err=True)
         if resume and not planned:
@@ -211,3 +216,60 @@ def worker(opts: Options, concurrency: int, name: str | None, lease: float, poll
         echo_json(result.as_dict())
     for message in result.errors:
         click.echo(f"Warning: {message}", err=True)
+
+
+@cli.group(invoke_without_command=True)
+@json_option("engines")
+@click.pass_context
+def engines(ctx: click.Context, as_json: bool) -> None:
+    """Crawl engines: what each searches, what it needs, its latest health (`engines check` runs canaries)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fastclass.crawl.health import list_engines
+
+    with ctx.find_object(Options).session() as (_, session):
+        rows = list_engines(session)
+    if as_json:
+        echo_json(rows)
+        return
+    for row in rows:
+        health = row["health"]
+        shown = f"{health['verdict']} ({health['checked_at'][:16]})" if health else "never checked"
+        needs = f", needs {row['needs']}" if row["needs"] else ""
+        click.echo(f"{row['name']:7s} {'default' if row['default'] else '':7s} {shown:28s} {row['summary']}{needs}")
+
+
+@engines.command("check")
+@click.argument("names", nargs=-1, metavar="[ENGINE]...")
+@click.option("--query", default=CANARY_QUERY, show_default=True, help="The canary query.")
+@click.option("--engine-url", "engine_urls", multiple=True, metavar="ENGINE=BASE_URL",
+              help="Send an engine's requests to a mirror, proxy or test server (repeatable).")
+@click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="Seconds to wait for a server to answer or send more data.")
+@click.option("--allow-private", is_flag=True,
+              help="Also fetch from loopback, private and link-local addresses.")
+@json_option("results")
+@pass_options
+def engines_check(opts: Options, names: tuple[str, ...], query: str, engine_urls: tuple[str, ...], timeout: float,
+                  allow_private: bool, as_json: bool) -> None:
+    """Run one small canary query per engine [default: every engine that needs no --url or --urls]: results
+    on pages 1 and 2, a sample of 10 downloaded and decoded; verdict ok, degraded or broken, recorded."""
+    from fastclass.crawl.health import check_engines, checkable_engines
+    from fastclass.crawl.options import CrawlOptions, parse_engine_urls
+    from fastclass.text import printable
+
+    chosen = list(names) or checkable_engines()
+    options = CrawlOptions(query=query, label="canary", engines=chosen,
+                           engine_urls=parse_engine_urls(list(engine_urls)), timeout=timeout)
+    with opts.session() as (catalog, session):
+        results = check_engines(session, chosen, options, catalog.work_dir / "logs", allow_private)
+    if as_json:
+        echo_json([r.as_dict() for r in results])
+        return
+    click.echo(f"{'engine':7s} {'verdict':9s} {'page 1':>6s} {'page 2':>6s} {'downloads':>10s} {'decodes':>8s}")
+    for r in results:
+        share = (lambda x: "-" if x is None else f"{x:.0%}")
+        click.echo(f"{r.engine:7s} {r.verdict:9s} {r.page1:6d} {r.page2:6d} {share(r.download_share):>10s} "
+                   f"{share(r.decode_share):>8s}")
+        if r.problem:
+            click.echo(printable(f"  {r.problem}" + (f" (page saved to {r.saved_page})" if r.saved_page else "")))

@@ -2,3 +2,6 @@
 
 LICENSES = ("any", "public", "share", "share-commercial", "modify", "modify-commercial")
 """--license: public domain; free to share and use; ... commercially; free to modify, share and use; ... commercially."""
+
+CANARY_QUERY = "red fox"
+"""The query `engines check` sends when none is given: common, harmless, with plenty of photos."""

@@ -31,7 +31,7 @@ from db.models import CrawlJob, FetchedUrl, utcnow
 from fastclass import __version__
 from fastclass.catalog import is_recorded_in
 from fastclass.crawl.engines import EngineProblem, EngineRequest, Hit, get_engine, license_filter
-from fastclass.crawl.fetch import Fetcher, FetchFailed, Stopped, http_url
+from fastclass.crawl.fetch import Fetcher, FetchFailed, RewritingSession, Stopped, http_url
 from fastclass.crawl.jobs import job_params
 from fastclass.crawl.options import CrawlOptions
 from fastclass.errors import FastclassError
@@ -148,6 +148,44 @@ def analyze_and_store(task: tuple[bytes, Store, tuple[int, int] | None]) -> tupl
     return facts, store.put(facts.sha256, facts.ext, data)
 
 
+def fetch_result_page(fetcher: Fetcher, session: RewritingSession, engine: str, url: str) -> requests.Response:
+    """An engine's result page (or a greedy page), within the page limits, as the requests.Response
+    that icrawler's parsers read. Problems name the URL actually fetched (an --engine-url target)."""
+    target = session.rewrite(url)
+    try:
+        fetched = fetcher.get(target, MAX_PAGE_BYTES)
+    except FetchFailed as failure:
+        code = failure.status or 0
+        if code in (403, 418, 429):
+            raise EngineProblem(f"{engine} refused our requests (HTTP {code} on {target}): it is blocking "
+                                "or rate-limiting this machine; wait, then re-run to continue") from None
+        if code >= 400:
+            raise EngineProblem(f"{engine} answered HTTP {code} for its result page {target}") from None
+        if failure.rejected and "byte cap" in failure.reason:
+            raise EngineProblem(f"{engine}: result page {target} is larger than {MAX_PAGE_BYTES} bytes") from None
+        raise EngineProblem(f"{engine}: cannot fetch its result page {target}: {failure.reason}") from None
+    response = requests.Response()
+    response.status_code = fetched.status
+    response.url = fetched.url
+    response.headers = requests.structures.CaseInsensitiveDict(fetched.headers)
+    response.encoding = requests.utils.get_encoding_from_headers(response.headers)
+    response._content = fetched.body
+    return response
+
+
+def rewrites_and_trusted(engine_urls: dict[str, str]) -> tuple[dict[str, str], set[tuple[str, int]]]:
+    """The public-base rewrites for --engine-url, and the (host, port) pairs they name: addresses the user
+    gave, reachable even when private."""
+    rewrites, trusted = {}, set()
+    for name, base in engine_urls.items():
+        engine = get_engine(name)
+        if engine.public_base:
+            rewrites[engine.public_base] = base
+        parts = urlsplit(base)
+        trusted.add((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
+    return rewrites, trusted
+
+
 class _HostLimits:
     def __init__(self, per_host: int) -> None:
         self.per_host = per_host
@@ -169,13 +207,7 @@ class Crawler:
         self.options = options
         self.log_dir = log_dir
         self.progress = progress
-        rewrites, trusted = {}, set()
-        for name, base in options.engine_urls.items():
-            engine = get_engine(name)
-            if engine.public_base:
-                rewrites[engine.public_base] = base
-            parts = urlsplit(base)
-            trusted.add((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
+        rewrites, trusted = rewrites_and_trusted(options.engine_urls)
         self.rewrites = rewrites
         # An --engine-url is an address the user named: reachable even when private. Nothing else is,
         # unless allow_private (intranets, tests).
@@ -199,28 +231,7 @@ class Crawler:
 
     # -- result pages ---------------------------------------------------------------------------
     def fetch_page(self, engine: str, url: str) -> requests.Response:
-        """An engine's result page (or a greedy page), within the page limits, as the requests.Response
-        that icrawler's parsers read. Problems name the URL actually fetched (an --engine-url target)."""
-        target = self.page_session.rewrite(url)
-        try:
-            fetched = self.fetcher.get(target, MAX_PAGE_BYTES)
-        except FetchFailed as failure:
-            code = failure.status or 0
-            if code in (403, 418, 429):
-                raise EngineProblem(f"{engine} refused our requests (HTTP {code} on {target}): it is blocking "
-                                    "or rate-limiting this machine; wait, then re-run to continue") from None
-            if code >= 400:
-                raise EngineProblem(f"{engine} answered HTTP {code} for its result page {target}") from None
-            if failure.rejected and "byte cap" in failure.reason:
-                raise EngineProblem(f"{engine}: result page {target} is larger than {MAX_PAGE_BYTES} bytes") from None
-            raise EngineProblem(f"{engine}: cannot fetch its result page {target}: {failure.reason}") from None
-        response = requests.Response()
-        response.status_code = fetched.status
-        response.url = fetched.url
-        response.headers = requests.structures.CaseInsensitiveDict(fetched.headers)
-        response.encoding = requests.utils.get_encoding_from_headers(response.headers)
-        response._content = fetched.body
-        return response
+        return fetch_result_page(self.fetcher, self.page_session, engine, url)
 
     def save_page(self, engine: str, page: bytes | None, job_id: int) -> Path | None:
         if not page:

@@ -74,6 +74,8 @@ class Engine:
     needs_query: bool = True
     licenses: dict[str, str] | None = None
     """The engine's own filter value for each of LICENSES it can filter by; None: it has no licence filter."""
+    needs: str | None = None
+    """What it needs besides a query: an environment variable (upper case) or an option."""
 
 
 # The engines that work without a key today, in the order a crawl asks them.
@@ -382,15 +384,15 @@ def _register_builtin() -> None:
                            "https://www.google.com", _google_results, _check_filters(GoogleFeeder, ",")))
     # Flickr licence ids: 1-6 Creative Commons (3 and 6 no derivatives, 1-3 non-commercial), 7 no known
     # copyright, 8 US government, 9 CC0, 10 public domain mark.
-    register_engine(Engine("flickr", f"Flickr API (needs {FLICKR_KEY_ENV})", "https://api.flickr.com",
-                           _flickr_results, _flickr_check, licenses={
+    register_engine(Engine("flickr", "the Flickr API (flickr.photos.search)", "https://api.flickr.com",
+                           _flickr_results, _flickr_check, needs=FLICKR_KEY_ENV, licenses={
                                "public": "7,8,9,10", "share": "1,2,3,4,5,6,7,8,9,10",
                                "share-commercial": "4,5,6,7,8,9,10", "modify": "1,2,4,5,7,8,9,10",
                                "modify-commercial": "4,5,7,8,9,10"}))
     register_engine(Engine("greedy", "every image on --url pages and the pages they link to on the same hosts",
-                           None, _greedy_results, _greedy_check, needs_query=False))
+                           None, _greedy_results, _greedy_check, needs_query=False, needs="--url"))
     register_engine(Engine("urls", "the image URLs listed in --urls FILE", None, _urls_results, _urls_check,
-                           needs_query=False))
+                           needs_query=False, needs="--urls"))
 
 
 ENGINES: Registry[Engine] = Registry("engine", load=_register_builtin)
