@@ -4,7 +4,9 @@ Run: .venv/bin/python bench/crawl.py [--images 2000] [--latency 0.05]   (writes 
 The server (a separate process, so it does not share the crawler's interpreter) serves N distinct
 web-sized JPEGs from memory. Each fastclass run crawls the URL list (`urls` engine) into a fresh catalog:
 download, sha256, format, hashes, store, rows, provenance. The baseline is icrawler 0.6.10's own
-UrlListCrawler in its default configuration (1 downloader thread) on the same server.
+UrlListCrawler in its default configuration (1 downloader thread) on the same server. The same server also
+answers in DuckDuckGo's formats (the search page with its vqd token, `i.js` JSON pages of 100 results that
+name the next one), so the `ddg` engine is measured end to end, result pages included.
 """
 from __future__ import annotations
 
@@ -24,8 +26,30 @@ from bench.common import machine, peak_rss_mib, write_section  # noqa: E402
 OUT = Path(__file__).resolve().parent / "out" / "crawl"
 
 
+DDG_VQD = "4-1234567890"
+DDG_PAGE = 100
+
+
+def ddg_answer(path: str, query: dict, names: list[str], base: str) -> bytes | None:
+    """DuckDuckGo's search page (holding the vqd token) and its i.js result pages, over the served files."""
+    if path == "/" and "iax" in query:
+        return f'<html><head><script>vqd="{DDG_VQD}";</script></head><body></body></html>'.encode()
+    if path == "/i.js":
+        offset = int(query.get("s", ["0"])[0])
+        page = names[offset:offset + DDG_PAGE]
+        data = {"results": [{"image": f"{base}/{name}", "url": f"{base}/page/{name}", "title": name,
+                             "width": 800, "height": 600, "source": "bench"} for name in page]}
+        if offset + DDG_PAGE < len(names):
+            data["next"] = f"i.js?q=bench&o=json&p=1&s={offset + DDG_PAGE}&u=bing&f=,,,&l=us-en"
+        return json.dumps(data).encode()
+    return None
+
+
 def serve(folder: Path, latency: float) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
     files = {f"/{p.name}": p.read_bytes() for p in folder.glob("*.jpg")}
+    names = sorted(name[1:] for name in files)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -38,7 +62,17 @@ def serve(folder: Path, latency: float) -> None:
 
         def do_GET(self) -> None:
             time.sleep(latency)
-            body = files.get(self.path.split("?")[0])
+            parts = urlsplit(self.path)
+            page = ddg_answer(parts.path, parse_qs(parts.query), names,
+                              f"http://127.0.0.1:{self.server.server_address[1]}")
+            if page is not None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json" if parts.path == "/i.js" else "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+                return
+            body = files.get(parts.path)
             self.send_response(200 if body else 404)
             self.send_header("Content-Type", "image/jpeg" if body else "text/plain")
             self.send_header("Content-Length", str(len(body or b"")))
@@ -52,16 +86,18 @@ def serve(folder: Path, latency: float) -> None:
     server.serve_forever()
 
 
-def run_fastclass(urls: Path, n: int, threads: int, per_host: int) -> dict:
-    work = OUT / f"run-{threads}"
+def run_fastclass(urls: Path, n: int, threads: int, per_host: int, ddg: str | None = None) -> dict:
+    """One crawl into a fresh catalog: the URL list (urls engine), or with ddg=BASE the ddg engine."""
+    work = OUT / f"run-{threads}-{'ddg' if ddg else 'urls'}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     catalog = str(work / "catalog.db")
     subprocess.run([sys.executable, "-m", "fastclass", "--catalog", catalog, "-q", "init"], check=True,
                    capture_output=True)
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "fastclass", "--catalog", catalog, "-q", "crawl", "--urls",
-                          str(urls), "--label", "bench", "--max", str(n), "--threads", str(threads),
+    source = ["bench", "--engine", "ddg", "--engine-url", f"ddg={ddg}"] if ddg else ["--urls", str(urls), "--allow-private"]
+    out = subprocess.run([sys.executable, "-m", "fastclass", "--catalog", catalog, "-q", "crawl", *source,
+                          "--label", "bench", "--max", str(n), "--threads", str(threads),
                           "--per-host", str(per_host), "--json"], check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     report = json.loads(out.stdout)
@@ -114,6 +150,8 @@ def main() -> None:
         baseline_urls.write_text("".join(f"http://127.0.0.1:{port}/{name}?b\n" for name in names[:args.baseline_images]))
         default = run_fastclass(urls, args.images, 8, 4)
         wide = run_fastclass(urls, args.images, 32, 32)
+        ddg_default = run_fastclass(urls, args.images, 8, 4, ddg=f"http://127.0.0.1:{port}")
+        ddg_wide = run_fastclass(urls, args.images, 32, 32, ddg=f"http://127.0.0.1:{port}")
         baseline = run_icrawler(baseline_urls, args.baseline_images)
     finally:
         server.terminate()
@@ -133,6 +171,10 @@ def main() -> None:
         f"{default['seconds']:.1f} | {default['rate']:.0f} | | {default['wall_rate']:.0f} |",
         f"| fastclass `--threads 32 --per-host 32` | 32 | {wide['new']:,} | {wide['seconds']:.1f} | "
         f"{wide['rate']:.0f} | >= {0.7 * ceiling:.0f} (0.7 x 32 / latency) | {wide['wall_rate']:.0f} |",
+        f"| fastclass `--engine ddg`, default (result pages of 100 too) | 4 | {ddg_default['new']:,} | "
+        f"{ddg_default['seconds']:.1f} | {ddg_default['rate']:.0f} | | {ddg_default['wall_rate']:.0f} |",
+        f"| fastclass `--engine ddg --threads 32 --per-host 32` | 32 | {ddg_wide['new']:,} | "
+        f"{ddg_wide['seconds']:.1f} | {ddg_wide['rate']:.0f} | >= {0.7 * ceiling:.0f} | {ddg_wide['wall_rate']:.0f} |",
         f"| icrawler 0.6.10 UrlListCrawler, default (1 downloader thread) | 1 | {baseline['new']:,} | "
         f"{baseline['seconds']:.1f} | {baseline['rate']:.1f} | | |",
         "",

@@ -294,3 +294,27 @@ def test_license_filter_reaches_the_engine_and_the_provenance(sqlite_catalog, si
     refused = run_cli(["crawl", "owl", "--engine", "baidu", "--license", "public"], sqlite_catalog)
     assert refused.exit_code == 1 and refused.stderr == (
         "Error: the baidu engine cannot filter by licence (--license public); engines that can: bing, ddg, flickr\n")
+
+
+def test_yield_per_engine_is_recorded_exactly_and_jobs_show_tells_it(sqlite_catalog, site):
+    good = jpegs(site, range(5))
+    known = jpegs(site, range(5, 7))
+    site.results["earlier"] = known
+    assert json.loads(crawl(sqlite_catalog, site, "earlier").stdout)["new_images"] == 2
+    same_bytes = site.add_image("copy.jpg", photo_like(0, (64, 64), "JPEG"))  # the bytes of good[0] again
+    site.results["kite"] = good + [good[1], same_bytes, site.url("/special/missing.jpg"),
+                                   site.url("/special/html-typed.jpg"), known[0]]
+    result = crawl(sqlite_catalog, site, "kite", "--max", "50")
+    report = json.loads(result.stdout)
+    bing = report["engines"]["bing"]
+    assert {k: bing[k] for k in ("found", "unique", "skipped", "downloaded", "decoded", "new", "duplicates",
+                                 "failed", "rejected", "ended")} == {
+        "found": 9, "unique": 9, "skipped": 1, "downloaded": 7, "decoded": 6, "new": 5, "duplicates": 2,
+        "failed": 1, "rejected": {"not an image": 1}, "ended": "no more results"}, bing
+    assert report["short_of_max"] == "bing: no more results"
+    shown = run_cli(["jobs", "show", str(report["job"])], sqlite_catalog)
+    assert shown.exit_code == 0, shown.output
+    assert "no more results" in shown.stdout and "bing" in shown.stdout
+    record = json.loads(run_cli(["jobs", "show", str(report["job"]), "--json"], sqlite_catalog).stdout)
+    assert record["engine_stats"]["bing"]["decoded"] == 6
+    assert run_cli(["jobs", "show", "99"], sqlite_catalog).stderr == "Error: no crawl job 99 (see `fastclass jobs`)\n"

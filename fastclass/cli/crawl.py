@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from fastclass.cli import COUNT, Options, cli, echo_json, json_option, pass_options, progress_reporter
+from fastclass.cli import COUNT, ROW_ID, Options, cli, echo_json, json_option, pass_options, progress_reporter
 from fastclass.crawl import CANARY_QUERY, LICENSES
 
 
@@ -135,6 +135,18 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
                                    "above)")
 
 
+def _echo_yield(engines: dict) -> None:
+    """The per-engine yield table of a crawl (EngineStats, or their dicts from a job record)."""
+    click.echo(f"  {'engine':8s} {'found':>6s} {'unique':>6s} {'known':>6s} {'fetched':>7s} {'images':>6s} "
+               f"{'new':>5s} {'dupes':>5s} {'failed':>6s} {'secs':>6s}  ended")
+    for name, stats in engines.items():
+        s = stats if isinstance(stats, dict) else stats.__dict__
+        click.echo(f"  {name:8s} {s.get('found', 0):6d} {s.get('unique', 0):6d} {s.get('skipped', 0):6d} "
+                   f"{s.get('downloaded', 0):7d} {s.get('decoded', 0):6d} {s.get('new', 0):5d} "
+                   f"{s.get('duplicates', 0):5d} {s.get('failed', 0):6d} {s.get('seconds', 0.0):6.1f}  "
+                   f"{s.get('ended') or ''}")
+
+
 def _echo_crawl(report, max_new: int) -> None:
     from fastclass.text import printable
 
@@ -146,23 +158,25 @@ def _echo_crawl(report, max_new: int) -> None:
     if report.conflicts:
         click.echo(f"  {report.conflicts} image(s) were already in the catalog under another label: recorded as "
                    "label conflicts (`fastclass clean --status conflict`)")
-    click.echo(f"  {'engine':8s} {'found':>6s} {'skipped':>8s} {'fetched':>8s} {'new':>5s} {'dupes':>6s} {'failed':>7s}")
-    for name, stats in report.engines.items():
-        click.echo(f"  {name:8s} {stats.found:6d} {stats.skipped:8d} {stats.downloaded:8d} {stats.new:5d} "
-                   f"{stats.duplicates:6d} {stats.failed:7d}")
+    _echo_yield(report.engines)
+    if report.short_of_max():
+        click.echo(printable(f"  short of --max: {report.short_of_max()}"))
     for reason, count in (report.rejected + report.failed).most_common():
         click.echo(printable(f"  {count:6d}  {reason}"))
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--limit", type=COUNT, help="Only the newest N jobs.")
 @json_option("jobs")
-@pass_options
-def jobs(opts: Options, limit: int | None, as_json: bool) -> None:
-    """Crawl jobs, newest first: query, label, status and counts."""
+@click.pass_context
+def jobs(ctx: click.Context, limit: int | None, as_json: bool) -> None:
+    """Crawl jobs, newest first: query, label, status and counts (`jobs show ID`: one job's yield)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from fastclass.crawl.jobs import list_jobs
     from fastclass.text import printable
 
+    opts = ctx.find_object(Options)
     with opts.session() as (_, session):
         rows = list_jobs(session, limit)
     if as_json:
@@ -176,6 +190,34 @@ def jobs(opts: Options, limit: int | None, as_json: bool) -> None:
                    f"{row['max'] or '?'}  found {row['found']:5d}  dupes {row['exact_duplicates']:4d}  "
                    f"rejected {row['rejected']:4d}  [{row['engines']}] {row['started_at']:%Y-%m-%d %H:%M}{worker}"
                    + (f"\n      last error: {printable(row['last_error'])}" if row['last_error'] else ""))
+
+
+@jobs.command("show")
+@click.argument("job_id", type=ROW_ID, metavar="ID")
+@json_option("job")
+@pass_options
+def jobs_show(opts: Options, job_id: int, as_json: bool) -> None:
+    """One crawl job: its options, outcome, and per engine the yield from results seen to new images."""
+    from fastclass.crawl.jobs import list_jobs
+    from fastclass.text import printable
+
+    with opts.session() as (_, session):
+        rows = [row for row in list_jobs(session) if row["id"] == job_id]
+    if not rows:
+        raise click.ClickException(f"no crawl job {job_id} (see `fastclass jobs`)")
+    row = rows[0]
+    if as_json:
+        echo_json(row)
+        return
+    click.echo(printable(f"Crawl job {row['id']} {row['status']}: {row['label']} ({row['query']!r}), "
+                         f"new {row['new']} of --max {row['max'] or '?'}, found {row['found']}, "
+                         f"{row['exact_duplicates']} already known, {row['rejected']} rejected; "
+                         f"{(row['seconds'] or 0):.1f} s"))
+    _echo_yield(row["engine_stats"])
+    for reason, count in sorted(row["reasons"].items(), key=lambda item: -item[1]):
+        click.echo(printable(f"  {count:6d}  {reason}"))
+    if row["last_error"]:
+        click.echo(printable(f"  last problem: {row['last_error']}"))
 
 
 @cli.command()

@@ -61,12 +61,25 @@ NOT_IMAGE_TYPES = ("text/", "application/json", "application/xml", "application/
 
 @dataclass
 class EngineStats:
+    """One engine's yield in one crawl: from results seen to new images, and why it stopped."""
+
     found: int = 0
+    """Results listed (a URL listed twice counts twice)."""
+    unique: int = 0
+    """Distinct URLs among them."""
     skipped: int = 0
+    """URLs fetched before (by this class or another): not fetched again."""
     downloaded: int = 0
+    decoded: int = 0
+    """Downloads that are images fastclass can store (the rest are rejected, by reason)."""
     new: int = 0
     duplicates: int = 0
+    """Images already in the catalog (the same bytes), found again."""
     failed: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    ended: str | None = None
+    """Why the engine stopped: class full, no more results, refused, parser empty, downloads failing."""
     problem: str | None = None
 
 
@@ -88,6 +101,16 @@ class CrawlReport:
     engines: dict[str, EngineStats] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    max_new: int = 0
+
+    def short_of_max(self) -> str | None:
+        """Why the class did not get --max new images, or None when it did."""
+        if self.new_images >= self.max_new:
+            return None
+        if self.found and self.skipped == self.found:
+            return "everything the engines listed was fetched before"
+        why = [f"{name}: {stats.ended}" for name, stats in self.engines.items() if stats.ended]
+        return "; ".join(why) or None
 
     def as_dict(self) -> dict:
         return {"job": self.job_id, "query": self.query, "label": self.label, "status": self.status,
@@ -95,7 +118,7 @@ class CrawlReport:
                 "new_images": self.new_images, "exact_duplicates": self.exact_duplicates,
                 "label_conflicts": self.conflicts, "rejected": dict(self.rejected), "failed": dict(self.failed),
                 "engines": {name: asdict(stats) for name, stats in self.engines.items()},
-                "problems": self.problems, "seconds": round(self.seconds, 2)}
+                "problems": self.problems, "seconds": round(self.seconds, 2), "short_of_max": self.short_of_max()}
 
 
 class Fetched(str, enum.Enum):
@@ -314,6 +337,15 @@ class Crawler:
 
     def _run_engine(self, name: str, stats: EngineStats, report: CrawlReport, job: CrawlJob,
                     executor: cf.ThreadPoolExecutor, in_flight: dict) -> None:
+        started = time.monotonic()
+        try:
+            stats.ended = self._crawl_engine(name, stats, report, job, executor, in_flight)
+        finally:
+            stats.seconds = round(time.monotonic() - started, 2)
+
+    def _crawl_engine(self, name: str, stats: EngineStats, report: CrawlReport, job: CrawlJob,
+                      executor: cf.ThreadPoolExecutor, in_flight: dict) -> str:
+        """Run one engine's results through the downloads; returns why the engine stopped."""
         opts = self.options
         engine = get_engine(name)
         request = EngineRequest(opts.query, dict(opts.filters), list(opts.pages),
@@ -329,21 +361,28 @@ class Crawler:
                     while len(in_flight) >= self._window(report):
                         self._drain(in_flight, report)
                         if self._engine_done(name, stats, report):
-                            return
+                            return self._why_done(report)
                     in_flight[executor.submit(self.download, hit, name, rank)] = name
                 self._drain(in_flight, report, block=False)
                 if self._engine_done(name, stats, report):
-                    return
+                    return self._why_done(report)
+            ended = "no more results"
         except EngineProblem as problem:
             saved = self.save_page(name, problem.page, job.id)
             message = str(problem) + (f" (page saved to {saved})" if saved else "")
             stats.problem = message
             report.problems.append(message)
             log.debug("%s", message)  # the report carries it; the command prints it once
+            ended = ("refused" if "refused our requests" in message else
+                     "parser empty" if "parser found no results" in message else "result pages failing")
         # Let this engine's downloads finish and be recorded before the next engine starts, so its counts
         # are its own and the next engine sees every URL this one fetched.
         self._drain(in_flight, report, wait_all=True)
         self._flush(report, force=True)
+        return "class full" if report.new_images >= opts.max_new else ended
+
+    def _why_done(self, report: CrawlReport) -> str:
+        return "class full" if report.new_images >= self.options.max_new else "downloads failing"
 
     def _window(self, report: CrawlReport) -> int:
         """Downloads to keep in flight: enough to overlap the network wait, but never more than the class
@@ -366,6 +405,7 @@ class Crawler:
         stats.found += len(hits)
         report.found += len(hits)
         hashes = {url_hash(h.url): h for h in hits}
+        stats.unique += len(hashes)
         known = {row.url_hash: row for row in self.session.execute(
             select(FetchedUrl.url_hash, FetchedUrl.outcome, FetchedUrl.sha256)
             .where(FetchedUrl.url_hash.in_(list(hashes)))).all()}
@@ -418,6 +458,7 @@ class Crawler:
             return
         if outcome.prepared is not None:
             stats.downloaded += 1
+            stats.decoded += 1
             report.downloaded += 1
             self.consecutive_failures = 0
             self.pending.append(outcome)
@@ -426,6 +467,8 @@ class Crawler:
             stats.downloaded += 1
             report.downloaded += 1
             report.rejected[reason_kind(outcome.reason) or "unknown"] += 1
+            kind = reason_kind(outcome.reason) or "unknown"
+            stats.rejected[kind] = stats.rejected.get(kind, 0) + 1
             self.consecutive_failures = 0
         else:
             stats.failed += 1
@@ -534,7 +577,7 @@ def run_crawl(session: Session, store: Store, options: CrawlOptions, log_dir: Pa
         job = session.get(CrawlJob, job_id)
         job.params = job_params(options, resumed_from)
     session.commit()
-    report = CrawlReport(job.id, options.query, options.label)
+    report = CrawlReport(job.id, options.query, options.label, max_new=options.max_new)
     crawler = Crawler(session, store, options, log_dir, progress, allow_private)
     crawler.job_id, crawler.label_id = job.id, label_id
     started = time.monotonic()
