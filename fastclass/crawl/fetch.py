@@ -301,7 +301,6 @@ class Fetcher:
               ctype: str | None) -> bytes:
         """The decoded body, read a piece at a time; never more than cap bytes, never past `ends`."""
         chunks, size = [], 0
-        sock = getattr(getattr(response, "connection", None), "sock", None)
         while True:
             if self.stop.is_set():
                 response.close()
@@ -311,8 +310,17 @@ class Fetcher:
                 response.close()
                 raise FetchFailed("download too slow (over the time limit)", permanent=False, status=code,
                                   content_type=ctype)
-            if sock is not None:
-                sock.settimeout(min(self.timeout, left))
+            if left < self.timeout:
+                # Near the deadline a read may wait only for what is left of it. The connection is asked for
+                # each time: once the body is read to its end, urllib3 hands it back to the pool, where
+                # another thread may already be using (or closing) it.
+                connection = getattr(response, "connection", None)
+                sock = getattr(connection, "sock", None) if connection is not None else None
+                if sock is not None:
+                    try:
+                        sock.settimeout(left)
+                    except OSError:
+                        pass
             try:
                 chunk = response.read1(READ_SIZE)
             except urllib3.exceptions.ReadTimeoutError:
