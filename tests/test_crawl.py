@@ -291,6 +291,8 @@ def test_license_filter_reaches_the_engine_and_the_provenance(sqlite_catalog, si
     assert catalog_rows(sqlite_catalog, "SELECT DISTINCT license FROM sources") == [("share-commercial",)]
     bing = crawl(sqlite_catalog, site, "heron", "--license", "public", engine="bing")
     assert bing.exit_code == 0
+    assert any(path.startswith("/images/async?") and "filterui%3Alicense-L1" in path.replace(":", "%3A")
+               for path in site.requests), site.requests
     refused = run_cli(["crawl", "owl", "--engine", "baidu", "--license", "public"], sqlite_catalog)
     assert refused.exit_code == 1 and refused.stderr == (
         "Error: the baidu engine cannot filter by licence (--license public); engines that can: bing, ddg, flickr\n")
@@ -318,3 +320,11 @@ def test_yield_per_engine_is_recorded_exactly_and_jobs_show_tells_it(sqlite_cata
     record = json.loads(run_cli(["jobs", "show", str(report["job"]), "--json"], sqlite_catalog).stdout)
     assert record["engine_stats"]["bing"]["decoded"] == 6
     assert run_cli(["jobs", "show", "99"], sqlite_catalog).stderr == "Error: no crawl job 99 (see `fastclass jobs`)\n"
+
+
+def test_google_says_in_one_line_why_it_yields_nothing(sqlite_catalog, site):
+    site.results["*"] = []
+    result = crawl(sqlite_catalog, site, "owl", engine="google")
+    assert result.exit_code == 1
+    assert result.stderr.count("Google's result pages need JavaScript now, which no scraper runs: use bing, ddg "
+                               "or baidu") == 1, result.stderr

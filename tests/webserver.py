@@ -35,6 +35,8 @@ class EngineSite:
         self.broken_markup = False
         self.drip_seconds = 0.2
         self.refuse_paths: set[str] = set()
+        self.requests: list[str] = []
+        """Every request's path and query, in order."""
         self.ddg_per_page = 100
         self.ddg_refuse_from: int | None = None
         self.ddg_requests: list[dict] = []
@@ -53,6 +55,7 @@ class EngineSite:
                 parts = urlsplit(self.path)
                 with site.lock:
                     site.hits[parts.path] += 1
+                    site.requests.append(self.path)
                     count = site.hits[parts.path]
                 try:
                     site.route(self, parts.path, parse_qs(parts.query), count)

@@ -126,7 +126,7 @@ def _check_filters(feeder_cls, sep: str = "") -> Callable[[EngineRequest], None]
 
 
 def _paged(request: EngineRequest, fetch: FetchPage, page_urls: Iterator[str],
-           parse: Callable[[requests.Response], list[Hit]]) -> Iterator[Hit]:
+           parse: Callable[[requests.Response], list[Hit]], hint: str = "") -> Iterator[Hit]:
     """Fetch result pages in order; an empty first page means the markup changed, a later one the end."""
     seen: set[str] = set()
     for number, page_url in enumerate(page_urls, start=1):
@@ -135,7 +135,7 @@ def _paged(request: EngineRequest, fetch: FetchPage, page_urls: Iterator[str],
         if not hits:
             if number == 1:
                 raise EngineProblem(f"parser found no results on {response.url}; the engine's page format may "
-                                    "have changed", response.content)
+                                    f"have changed{hint}", response.content)
             return
         for hit in hits:
             seen.add(hit.url)
@@ -198,7 +198,8 @@ def _google_results(request: EngineRequest, fetch: FetchPage) -> Iterator[Hit]:
     pages = _feeder_pages(request, GoogleFeeder, 100, lambda feeder, offset: feeder.feed(
         request.query, offset, 100, filters=request.filters or None))
     parser = _icrawler(GoogleParser, request.session)
-    return _paged(request, fetch, pages, lambda r: [Hit(i["file_url"]) for i in parser.parse(r) or []])
+    return _paged(request, fetch, pages, lambda r: [Hit(i["file_url"]) for i in parser.parse(r) or []],
+                  hint=" (Google's result pages need JavaScript now, which no scraper runs: use bing, ddg or baidu)")
 
 
 DDG_BASE = "https://duckduckgo.com"
