@@ -143,6 +143,17 @@ def test_predict_needs_only_the_exported_run(trained, tmp_path):
     assert nothing.exit_code == 1 and nothing.stderr.endswith(
         "Error: none of the files is an image that can be decoded\n")
 
+    # Under the threshold the answer is `unknown`, with the top classes still listed; at or over it, the class.
+    p = by_name["digit.png"]["probability"]
+    doubtful = json.loads(run_cli(["predict", "1", str(image), "--threshold", str(min(1.0, p + 0.001)), "--json"],
+                                  trained.location).stdout)[0]
+    assert doubtful["unknown"] and doubtful["label"] is None and len(doubtful["top"]) == 3
+    assert run_cli(["predict", "1", str(image), "--threshold", str(min(1.0, p + 0.001))],
+                   trained.location).stdout.split("\t")[1] == "unknown"
+    sure = json.loads(run_cli(["predict", "1", str(image), "--threshold", str(max(0.0, p - 0.001)), "--json"],
+                              trained.location).stdout)[0]
+    assert not sure["unknown"] and sure["label"] == by_name["digit.png"]["label"]
+
 
 def test_clean_order_loss_walks_the_highest_losses_first(trained):
     from fastclass.curate.review import review_queue

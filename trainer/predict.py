@@ -18,10 +18,13 @@ class Prediction:
     probability: float | None = None
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    unknown: bool = False
+    """The top class's probability was under the threshold: the answer is `unknown` (label None)."""
 
     def as_dict(self) -> dict:
         return {"path": self.path, "label": self.label, "probability": self.probability,
-                "top": [{"label": name, "probability": p} for name, p in self.top], "error": self.error}
+                "top": [{"label": name, "probability": p} for name, p in self.top], "error": self.error,
+                "unknown": self.unknown}
 
 
 def export_path(run_dir: Path) -> Path:
@@ -54,9 +57,11 @@ def _unreadable(path: Path) -> str | None:
 
 
 def predict_images(run: Path, inputs: list[Path], tta: bool = False, device: str = "cpu",
-                   top_k: int = 3) -> list[Prediction]:
+                   top_k: int = 3, threshold: float = 0.0) -> list[Prediction]:
     """Predict each image with a run's exported model (`run`: its folder or export.pkl); a file that is not
-    a decodable image gets its reason instead of a label."""
+    a decodable image gets its reason instead of a label. A classifier always names one of its classes:
+    with a threshold, an image whose top probability is under it is `unknown` instead (its top classes
+    are still listed), so an astronaut is not confidently a motorcycle."""
     import pandas as pd
 
     files = expand_inputs(inputs)
@@ -74,4 +79,6 @@ def predict_images(run: Path, inputs: list[Path], tta: bool = False, device: str
     for result, vals, idxs in zip(good, values.tolist(), indexes.tolist()):
         result.top = [(vocab[i], round(v, 4)) for v, i in zip(vals, idxs)]
         result.label, result.probability = result.top[0]
+        if vals[0] < threshold:
+            result.label, result.unknown = None, True
     return results

@@ -258,12 +258,14 @@ def interpret(opts: Options, run_id: str, out_dir: Path | None, top: int, device
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGE_OR_DIR...")
 @click.option("--tta", is_flag=True, help="Average the predictions over test-time augmentations.")
 @click.option("--top", "top_k", type=click.IntRange(1), default=3, show_default=True, help="Classes listed per image.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
+              help="Answer `unknown` when the top class's probability is under P (its top classes still listed).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               envvar="FASTCLASS_DEVICE")
 @json_option("predictions")
 @pass_options
-def predict(opts: Options, run_ref: str, images: tuple[Path, ...], tta: bool, top_k: int, device: str,
-            as_json: bool) -> None:
+def predict(opts: Options, run_ref: str, images: tuple[Path, ...], tta: bool, top_k: int, threshold: float,
+            device: str, as_json: bool) -> None:
     """Class and probability per image. RUN is a run id of the catalog, or the path of a run folder (or its
     export.pkl; write ./1 for a folder named 1), which needs no catalog."""
     from trainer.predict import predict_images
@@ -279,15 +281,16 @@ def predict(opts: Options, run_ref: str, images: tuple[Path, ...], tta: bool, to
         run_path = Path(run_ref)
         if not run_path.exists():
             raise click.BadParameter(f"{run_ref!r} is neither a run id nor a run folder", param_hint="RUN")
-    results = predict_images(run_path, list(images), tta, device, top_k)
+    results = predict_images(run_path, list(images), tta, device, top_k, threshold)
     failed = [r for r in results if r.error]
     if as_json:
         echo_json([r.as_dict() for r in results])
     else:
         for r in results:
             if r.error is None:
-                others = "  ".join(f"{name} {p:.3f}" for name, p in r.top[1:])
-                click.echo(f"{r.path}\t{r.label}\t{r.probability:.4f}" + (f"\t({others})" if others else ""))
+                others = "  ".join(f"{name} {p:.3f}" for name, p in (r.top if r.unknown else r.top[1:]))
+                label = "unknown" if r.unknown else r.label
+                click.echo(f"{r.path}\t{label}\t{r.probability:.4f}" + (f"\t({others})" if others else ""))
     for r in failed:
         click.echo(f"Warning: {r.path}: {r.error}; skipped", err=True)
     if failed and len(failed) == len(results):
