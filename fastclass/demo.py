@@ -52,7 +52,9 @@ def run_demo(root: Path) -> None:
     with serve_folder(root) as base:
         print(f"\nThe sample set is also a small web site at {base}/ ({', '.join(pages)}).")
         for page in pages:
-            fastclass("crawl", "--url", f"{base}/{page}", "--label", page.removesuffix(".html"), catalog=catalog)
+            # The sample site runs on 127.0.0.1: a loopback address, which a crawl fetches only when allowed.
+            fastclass("crawl", "--url", f"{base}/{page}", "--label", page.removesuffix(".html"), "--allow-private",
+                      catalog=catalog)
         fastclass("jobs", catalog=catalog)
     fastclass("import", str(sample), catalog=catalog)
     fastclass("verify", catalog=catalog)
