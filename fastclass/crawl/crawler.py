@@ -196,17 +196,26 @@ def fetch_result_page(fetcher: Fetcher, session: RewritingSession, engine: str, 
     return response
 
 
-def rewrites_and_trusted(engine_urls: dict[str, str]) -> tuple[dict[str, str], set[tuple[str, int]]]:
-    """The public-base rewrites for --engine-url, and the (host, port) pairs they name: addresses the user
-    gave, reachable even when private."""
+def crawl_fetcher(options: CrawlOptions, allow_private: bool) -> tuple[Fetcher, RewritingSession]:
+    """The Fetcher of a crawl (or an engine check) with these options, and the page session icrawler's
+    parsers use, which sends public engine URLs to their --engine-url. An --engine-url is an address the user
+    named: reachable even when private. Nothing else is, unless allow_private (intranets, tests)."""
     rewrites, trusted = {}, set()
-    for name, base in engine_urls.items():
+    for name, base in options.engine_urls.items():
         engine = get_engine(name)
         if engine.public_base:
             rewrites[engine.public_base] = base
         parts = urlsplit(base)
         trusted.add((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
-    return rewrites, trusted
+    fetcher = Fetcher(options.timeout, options.connect_timeout, options.max_redirects, options.retries,
+                      allow_private, trusted, USER_AGENT, options.per_host)
+    return fetcher, fetcher.requests_session(rewrites)
+
+
+def engine_request(options: CrawlOptions, session: RewritingSession | None = None) -> EngineRequest:
+    """What each engine is asked for in a crawl with these options."""
+    return EngineRequest(options.query, dict(options.filters), list(options.pages),
+                         Path(options.urls_file) if options.urls_file else None, session, options.license)
 
 
 class _HostLimits:
@@ -230,19 +239,13 @@ class Crawler:
         self.options = options
         self.log_dir = log_dir
         self.progress = progress
-        rewrites, trusted = rewrites_and_trusted(options.engine_urls)
-        self.rewrites = rewrites
-        # An --engine-url is an address the user named: reachable even when private. Nothing else is,
-        # unless allow_private (intranets, tests).
-        self.fetcher = Fetcher(options.timeout, options.connect_timeout, options.max_redirects, options.retries,
-                               allow_private, trusted, USER_AGENT, options.per_host)
+        self.fetcher, self.page_session = crawl_fetcher(options, allow_private)
         self.stop = self.fetcher.stop
         # Decoding and hashing run in worker processes: in the download threads they would hold the
         # interpreter lock that 32 threads reading sockets also need (measured: 330 vs 450+ images/s);
         # isolated, so that a body that hangs or crashes a decoder fails alone.
         self.analysis_pool = IsolatedPool(min(os.cpu_count() or 1, 8))
         self.host_limits = _HostLimits(options.per_host)
-        self.page_session = self.fetcher.requests_session(rewrites)
         self._license = options.license if options.license != "any" else None
         self.pending: list[_Outcome] = []
         self.failures: list[_Outcome] = []
@@ -348,9 +351,7 @@ class Crawler:
         """Run one engine's results through the downloads; returns why the engine stopped."""
         opts = self.options
         engine = get_engine(name)
-        request = EngineRequest(opts.query, dict(opts.filters), list(opts.pages),
-                                Path(opts.urls_file) if opts.urls_file else None, self.page_session, opts.license)
-        hits = engine.results(request, lambda url: self.fetch_page(name, url))
+        hits = engine.results(engine_request(opts, self.page_session), lambda url: self.fetch_page(name, url))
         rank = 0
         self.consecutive_failures = 0
         try:
@@ -466,8 +467,8 @@ class Crawler:
         if outcome.rejected:
             stats.downloaded += 1
             report.downloaded += 1
-            report.rejected[reason_kind(outcome.reason) or "unknown"] += 1
             kind = reason_kind(outcome.reason) or "unknown"
+            report.rejected[kind] += 1
             stats.rejected[kind] = stats.rejected.get(kind, 0) + 1
             self.consecutive_failures = 0
         else:
@@ -556,8 +557,7 @@ def check_options(options: CrawlOptions) -> None:
         engine = get_engine(name)
         if engine.needs_query and not options.query.strip():
             raise FastclassError(f"the {name} engine needs a search query")
-        engine.check(EngineRequest(options.query, dict(options.filters), list(options.pages),
-                                   Path(options.urls_file) if options.urls_file else None, license=options.license))
+        engine.check(engine_request(options))
         license_filter(engine, options.license)
 
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import EngineCheck, utcnow
-from fastclass.crawl.engines import DEFAULT_ENGINES, ENGINES, EngineProblem, EngineRequest, get_engine
-from fastclass.crawl.fetch import Fetcher, FetchFailed, http_url
+from fastclass.crawl.engines import DEFAULT_ENGINES, ENGINES, EngineProblem, get_engine
+from fastclass.crawl.fetch import FetchFailed, http_url
 from fastclass.crawl.options import CrawlOptions
 from fastclass.errors import FastclassError
 from fastclass.ingest.analyze import analyze_bytes
@@ -67,17 +67,14 @@ def _verdict(result: CheckResult) -> str:
 def check_engine(name: str, options: CrawlOptions, log_dir: Path, allow_private: bool = False,
                  pool: IsolatedPool | None = None) -> CheckResult:
     """One canary for one engine: results on pages 1 and 2, a sample downloaded and decoded."""
-    from fastclass.crawl.crawler import USER_AGENT, fetch_result_page, rewrites_and_trusted
+    from fastclass.crawl.crawler import check_options, crawl_fetcher, engine_request, fetch_result_page
 
     engine = get_engine(name)
     if engine.needs and not engine.needs.isupper():
         raise FastclassError(f"the {name} engine needs {engine.needs}; a canary query cannot check it")
-    engine.check(EngineRequest(options.query, dict(options.filters), license=options.license))
+    check_options(replace(options, engines=[name]))
     result = CheckResult(name)
-    rewrites, trusted = rewrites_and_trusted(options.engine_urls)
-    fetcher = Fetcher(options.timeout, options.connect_timeout, options.max_redirects, options.retries,
-                      allow_private, trusted, USER_AGENT, options.per_host)
-    session = fetcher.requests_session(rewrites)
+    fetcher, session = crawl_fetcher(options, allow_private)
     fetches = [0]
 
     def fetch(url: str):
@@ -88,8 +85,7 @@ def check_engine(name: str, options: CrawlOptions, log_dir: Path, allow_private:
     # fetches that listed anything (ddg's token page lists nothing).
     by_fetch: dict[int, list[str]] = {}
     try:
-        for hit in engine.results(EngineRequest(options.query, dict(options.filters), [], None, session,
-                                                options.license), fetch):
+        for hit in engine.results(engine_request(options, session), fetch):
             by_fetch.setdefault(fetches[0], []).append(hit.url)
             if len(by_fetch) > 2:
                 break
