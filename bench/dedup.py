@@ -44,7 +44,7 @@ def brute_force(hashes: np.ndarray, threshold: int, chunk: int = 2048) -> int:
 
 
 def multi_index(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
-    from fastclass.curate.dedup import find_pairs
+    from fastclass.ingest.hashsearch import find_pairs
 
     return find_pairs(hashes, hashes, threshold)
 
@@ -80,7 +80,7 @@ OPTIONAL = {"BK-tree (pybktree)": "pybktree", "faiss IndexBinaryMultiHash": "fai
 def child(n: int, threshold: int, method: str) -> None:
     hashes, planted = make_hashes(n)
     if method == "lookup":
-        from fastclass.curate.dedup import HashIndex
+        from fastclass.ingest.hashsearch import HashIndex
 
         started = time.perf_counter()
         index = HashIndex(hashes, threshold)
@@ -163,12 +163,12 @@ def main() -> None:
         print(lookups[-1], flush=True)
     body = (f"`bench/dedup.py` ({time.strftime('%Y-%m-%d')}), machine: {machine()}.\n\n"
             "Random 64-bit hashes, 1% replaced by near-copies of others (0-10 bits flipped). `multi-index` is\n"
-            "`fastclass.curate.dedup.find_pairs` (exact; chunk count chosen per search, 3 chunks of 21-22 bits at 1M); brute force is chunked\n"
+            "`fastclass.ingest.hashsearch.find_pairs` (exact; chunk count chosen per search, 3 chunks of 21-22 bits at 1M); brute force is chunked\n"
             "NumPy all-pairs; faiss is `IndexBinaryMultiHash(64, nhash=3, b=21)` with `nflip = t // 3` (exact) and\n"
             "range_search; the BK-tree is pybktree with a popcount distance, one query per hash. The comparisons are\n"
             "optional packages (the `[bench]` extra, which `make bench` installs), stopped after 120 s.\n\n"
             + "\n".join(lines) + "\n\n" + _targets(timings) + "\n\n"
-            "Checking one new image at a time against the catalog (`fastclass.curate.dedup.HashIndex`, built once; "
+            "Checking one new image at a time against the catalog (`fastclass.ingest.hashsearch.HashIndex`, built once; "
             "each lookup a separate call, one process, so per core; target >= 5,000 lookups/s per core):\n\n"
             "| index size | threshold | build seconds | lookups/s | peak memory |\n|---|---|---|---|---|\n"
             + "\n".join(lookups))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -283,7 +284,7 @@ def test_ddg_engine_reads_its_token_pages_through_next_and_stops_when_refused(sq
     assert pages[0] == (site.url("/page/ddg0"),)
 
 
-def test_license_filter_reaches_the_engine_and_the_provenance(sqlite_catalog, site):
+def test_license_filter_reaches_the_engine_and_the_provenance(sqlite_catalog, site, monkeypatch):
     site.results["*"] = jpegs(site, range(3))
     result = crawl(sqlite_catalog, site, "owl", "--license", "share-commercial", engine="ddg")
     assert json.loads(result.stdout)["new_images"] == 3
@@ -293,6 +294,15 @@ def test_license_filter_reaches_the_engine_and_the_provenance(sqlite_catalog, si
     assert bing.exit_code == 0
     assert any(path.startswith("/images/async?") and "filterui%3Alicense-L1" in path.replace(":", "%3A")
                for path in site.requests), site.requests
+    monkeypatch.setenv("FLICKR_API_KEY", "test-key")
+    flickr = crawl(sqlite_catalog, site, "owl", "--label", "flickr", "--license", "modify-commercial",
+                   engine="flickr")
+    assert flickr.exit_code == 0, flickr.stderr
+    searches = [parse_qs(urlsplit(path).query) for path in site.requests if "flickr.photos.search" in path]
+    # Flickr's licence ids: CC BY, CC BY-SA, no known copyright, US government, CC0, public domain mark.
+    assert searches and all(q["license"] == ["4,5,7,8,9,10"] for q in searches), searches
+    assert catalog_rows(sqlite_catalog, "SELECT DISTINCT s.license FROM sources s JOIN labels l "
+                                        "ON l.id = s.label_id WHERE l.name = 'flickr'") == [("modify-commercial",)]
     refused = run_cli(["crawl", "owl", "--engine", "baidu", "--license", "public"], sqlite_catalog)
     assert refused.exit_code == 1 and refused.stderr == (
         "Error: the baidu engine cannot filter by licence (--license public); engines that can: bing, ddg, flickr\n")
@@ -304,21 +314,26 @@ def test_yield_per_engine_is_recorded_exactly_and_jobs_show_tells_it(sqlite_cata
     site.results["earlier"] = known
     assert json.loads(crawl(sqlite_catalog, site, "earlier").stdout)["new_images"] == 2
     same_bytes = site.add_image("copy.jpg", photo_like(0, (64, 64), "JPEG"))  # the bytes of good[0] again
+    # New bytes, same pictures: larger copies of an image this crawl found first and of one known before.
+    near = [site.add_image("big0.jpg", photo_like(0, (96, 96), "JPEG")),
+            site.add_image("big5.jpg", photo_like(5, (96, 96), "JPEG"))]
     site.results["kite"] = good + [good[1], same_bytes, site.url("/special/missing.jpg"),
-                                   site.url("/special/html-typed.jpg"), known[0]]
+                                   site.url("/special/html-typed.jpg"), known[0]] + near
     result = crawl(sqlite_catalog, site, "kite", "--max", "50")
     report = json.loads(result.stdout)
     bing = report["engines"]["bing"]
     assert {k: bing[k] for k in ("found", "unique", "skipped", "downloaded", "decoded", "new", "duplicates",
-                                 "failed", "rejected", "ended")} == {
-        "found": 9, "unique": 9, "skipped": 1, "downloaded": 7, "decoded": 6, "new": 5, "duplicates": 2,
-        "failed": 1, "rejected": {"not an image": 1}, "ended": "no more results"}, bing
+                                 "near_duplicates", "failed", "rejected", "ended")} == {
+        "found": 11, "unique": 11, "skipped": 1, "downloaded": 9, "decoded": 8, "new": 7, "duplicates": 2,
+        "near_duplicates": 2, "failed": 1, "rejected": {"not an image": 1}, "ended": "no more results"}, bing
+    assert report["near_duplicates"] == 2
     assert report["short_of_max"] == "bing: no more results"
     shown = run_cli(["jobs", "show", str(report["job"])], sqlite_catalog)
     assert shown.exit_code == 0, shown.output
     assert "no more results" in shown.stdout and "bing" in shown.stdout
     record = json.loads(run_cli(["jobs", "show", str(report["job"]), "--json"], sqlite_catalog).stdout)
-    assert record["engine_stats"]["bing"]["decoded"] == 6
+    assert record["engine_stats"]["bing"]["decoded"] == 8 and record["near_duplicates"] == 2
+    assert "2 near-copies" in shown.stdout
     assert run_cli(["jobs", "show", "99"], sqlite_catalog).stderr == "Error: no crawl job 99 (see `fastclass jobs`)\n"
 
 

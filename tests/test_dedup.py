@@ -8,7 +8,8 @@ import random
 import numpy as np
 from PIL import ImageOps
 
-from fastclass.curate.dedup import HashIndex, find_pairs, near_duplicate_groups
+from fastclass.curate.dedup import near_duplicate_groups
+from fastclass.ingest.hashsearch import HashIndex, find_pairs
 from fastclass.sample import jpeg_bytes, load_photo, random_crop
 from tests.helpers import catalog_rows, run_cli, write
 

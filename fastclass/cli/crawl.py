@@ -138,7 +138,7 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
 def _echo_yield(engines: dict) -> None:
     """The per-engine yield table of a crawl (EngineStats, or their dicts from a job record)."""
     click.echo(f"  {'engine':8s} {'found':>6s} {'unique':>6s} {'known':>6s} {'fetched':>7s} {'images':>6s} "
-               f"{'new':>5s} {'dupes':>5s} {'failed':>6s} {'secs':>6s}  ended")
+               f"{'new':>5s} {'dupes':>5s} {'near':>4s} {'failed':>6s} {'secs':>6s}  ended")
     for name, stats in engines.items():
         s = stats if isinstance(stats, dict) else stats.__dict__
         click.echo(f"  {name:8s} {s.get('found', 0):6d} {s.get('unique', 0):6d} {s.get('skipped', 0):6d} "
@@ -153,7 +153,7 @@ def _echo_crawl(report, max_new: int) -> None:
     query = f" ({report.query!r})" if report.query else ""
     click.echo(f"Crawl job {report.job_id} {report.status}: {report.label}{query}: "
                f"{report.new_images} new of --max {max_new}, {report.exact_duplicates} already known, "
-               f"{sum(report.rejected.values())} rejected, {sum(report.failed.values())} failed, "
+               f"{report.near_duplicates} near-copies of known images, {sum(report.rejected.values())} rejected, {sum(report.failed.values())} failed, "
                f"{report.skipped} skipped as fetched before; {report.seconds:.1f} s")
     if report.conflicts:
         click.echo(f"  {report.conflicts} image(s) were already in the catalog under another label: recorded as "
@@ -211,7 +211,8 @@ def jobs_show(opts: Options, job_id: int, as_json: bool) -> None:
         return
     click.echo(printable(f"Crawl job {row['id']} {row['status']}: {row['label']} ({row['query']!r}), "
                          f"new {row['new']} of --max {row['max'] or '?'}, found {row['found']}, "
-                         f"{row['exact_duplicates']} already known, {row['rejected']} rejected; "
+                         f"{row['exact_duplicates']} already known, {row['near_duplicates']} near-copies, "
+                         f"{row['rejected']} rejected; "
                          f"{(row['seconds'] or 0):.1f} s"))
     _echo_yield(row["engine_stats"])
     for reason, count in sorted(row["reasons"].items(), key=lambda item: -item[1]):

@@ -35,6 +35,7 @@ from fastclass.crawl.fetch import Fetcher, FetchFailed, RewritingSession, Stoppe
 from fastclass.crawl.jobs import job_params
 from fastclass.crawl.options import CrawlOptions
 from fastclass.errors import FastclassError
+from fastclass.ingest.hashsearch import near_copies
 from fastclass.ingest.analyze import ImageFacts, NotAnImage, analyze_bytes, reason_kind
 from fastclass.ingest.record import (
     PreparedImage,
@@ -75,6 +76,9 @@ class EngineStats:
     new: int = 0
     duplicates: int = 0
     """Images already in the catalog (the same bytes), found again."""
+    near_duplicates: int = 0
+    """New images (new bytes) that are near-copies of an image the catalog already had: the perceptual hash
+    within dedup's default threshold (a resize, crop or re-encode). `dedup` groups them."""
     failed: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -94,6 +98,7 @@ class CrawlReport:
     downloaded: int = 0
     new_images: int = 0
     exact_duplicates: int = 0
+    near_duplicates: int = 0
     conflicts: int = 0
     """Images known under another label that this crawl also found: open label conflicts now."""
     rejected: Counter = field(default_factory=Counter)
@@ -116,6 +121,7 @@ class CrawlReport:
         return {"job": self.job_id, "query": self.query, "label": self.label, "status": self.status,
                 "found": self.found, "skipped_known": self.skipped, "downloaded": self.downloaded,
                 "new_images": self.new_images, "exact_duplicates": self.exact_duplicates,
+                "near_duplicates": self.near_duplicates,
                 "label_conflicts": self.conflicts, "rejected": dict(self.rejected), "failed": dict(self.failed),
                 "engines": {name: asdict(stats) for name, stats in self.engines.items()},
                 "problems": self.problems, "seconds": round(self.seconds, 2), "short_of_max": self.short_of_max()}
@@ -249,6 +255,8 @@ class Crawler:
         self._license = options.license if options.license != "any" else None
         self.pending: list[_Outcome] = []
         self.failures: list[_Outcome] = []
+        self.stored_by: dict[str, str] = {}
+        """The engine that found each image this crawl stored new (by sha256), for the near-copy count."""
         self.last_flush = time.monotonic()
         self.consecutive_failures = 0
         self.last_failure = ""
@@ -322,6 +330,7 @@ class Crawler:
                 self._run_engine(name, stats, report, job, executor, in_flight)
             self._drain(in_flight, report, wait_all=True)
             self._flush(report, force=True)
+            self._count_near_copies(report)
         except BaseException:
             # Ctrl-C or an error: every connect, read and retry wait in the download threads ends now.
             self.fetcher.abort()
@@ -508,6 +517,7 @@ class Crawler:
             else:
                 stats.new += 1
                 known.add(sha)
+                self.stored_by[sha] = outcome.engine
         if self.pending and report.new_images >= self.options.max_new:
             leftover, self.pending = self.pending, []
             self.store.discard([o.stored for o in leftover], is_recorded_in(self.session))
@@ -515,6 +525,13 @@ class Crawler:
             detail = "  ".join(f"{name}: found {st.found} fetched {st.downloaded} new {st.new}"
                                for name, st in report.engines.items())
             self.progress(min(report.new_images, self.options.max_new), self.options.max_new, detail)
+
+    def _count_near_copies(self, report: CrawlReport) -> None:
+        ids = ids_by_sha256(self.session, list(self.stored_by))
+        engine_of = {ids[sha]: engine for sha, engine in self.stored_by.items() if sha in ids}
+        for image_id in near_copies(self.session, list(engine_of)):
+            report.near_duplicates += 1
+            report.engines[engine_of[image_id]].near_duplicates += 1
 
     def _discard_in_flight(self, in_flight: dict) -> None:
         leftovers = [f.result().stored for f in in_flight if f.done() and not f.cancelled()

@@ -35,12 +35,15 @@ def list_jobs(session: Session, limit: int | None = None) -> list[dict]:
         if status == "running" and not process_alive(params.get("host"), params.get("pid")):
             status = "interrupted"
         seconds = (job.finished_at - job.started_at).total_seconds() if job.finished_at else None
+        engine_stats = json.loads(job.engine_stats or "{}")
         rows.append({"id": job.id, "query": job.query, "label": names.get(job.label_id), "engines": job.engines,
                      "worker": job.worker, "attempts": job.attempts,
                      "status": status, "found": job.found, "downloaded": job.downloaded, "new": job.new_images,
-                     "exact_duplicates": job.exact_duplicates, "rejected": job.rejected,
+                     "exact_duplicates": job.exact_duplicates,
+                     "near_duplicates": sum(e.get("near_duplicates", 0) for e in engine_stats.values()),
+                     "rejected": job.rejected,
                      "reasons": json.loads(job.reject_reasons or "{}"),
-                     "engine_stats": json.loads(job.engine_stats or "{}"), "max": params.get("max_new"),
+                     "engine_stats": engine_stats, "max": params.get("max_new"),
                      "started_at": job.started_at, "finished_at": job.finished_at, "seconds": seconds,
                      "last_error": job.last_error})
     return rows
