@@ -21,8 +21,10 @@ from fastclass.errors import FastclassError
 from tests.helpers import catalog_rows, digit_images, run_cli, snapshot_of, write
 
 DIGITS = {"zero": 0, "one": 1, "seven": 7}
-TINY = ["--arch", "resnet18", "--no-pretrained", "--size", "64", "--freeze-epochs", "1", "--epochs", "1",
-        "--bs", "16", "--workers", "0", "--device", "cpu"]
+# Random weights have no frozen phase: two epochs of the whole network.
+TINY_ANY_SIZE = ["--arch", "resnet18", "--no-pretrained", "--epochs", "2", "--bs", "16", "--workers", "0",
+                 "--device", "cpu"]
+TINY = TINY_ANY_SIZE + ["--size", "64"]
 ENV = {**os.environ, "TERM": "xterm-256color", "COLORTERM": "truecolor", "FASTCLASS_REVIEWER": "tester",
        "LANG": "C.UTF-8"}
 
@@ -64,7 +66,7 @@ def test_run_row_epoch_rows_and_artifacts_agree(trained):
     (run_id, status, arch, accuracy, valid_loss, tta), *_ = run_rows(trained.location)
     assert (run_id, status, arch) == (1, "done", "resnet18")
     epochs = epoch_rows(trained.location, 1)
-    assert [(e[0], e[1], e[2]) for e in epochs] == [(0, "frozen", 64), (1, "unfrozen", 64)]
+    assert [(e[0], e[1], e[2]) for e in epochs] == [(0, "unfrozen", 64), (1, "unfrozen", 64)]
     for _, _, _, train_loss, v_loss, error, acc, seconds, rate in epochs:
         assert train_loss > 0 and v_loss > 0 and 0 <= acc <= 1 and abs(error + acc - 1) < 1e-6
         assert seconds > 0 and rate > 0
@@ -90,7 +92,7 @@ def test_runs_lists_and_shows_a_run(trained):
     first = next(row for row in listed if row["id"] == 1)
     assert (first["status"], first["snapshot"], first["arch"], first["epochs"]) == ("done", "digits", "resnet18", 2)
     shown = json.loads(run_cli(["runs", "show", "1", "--json"], trained.location).stdout)
-    assert [row["phase"] for row in shown["epoch_rows"]] == ["frozen", "unfrozen"]
+    assert [row["phase"] for row in shown["epoch_rows"]] == ["unfrozen", "unfrozen"]
     assert shown["config"]["arch"] == "resnet18" and shown["code_version"].startswith("0.1.0")
     text = run_cli(["runs", "show", "1"], trained.location).stdout
     assert text.startswith("Run 1 (done): resnet18 on snapshot digits (")
@@ -217,7 +219,8 @@ def test_offline_pretrained_request_fails_before_any_data_is_loaded(tmp_path, mo
     result = run_cli(["train", "--snapshot", "digits", "--arch", "resnet18", "--size", "64"], location)
     assert result.exit_code == 1
     url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
-    notice, error = result.stderr.splitlines()
+    *stages, notice, error = result.stderr.splitlines()
+    assert stages[-1] == "  preparing: loading resnet18 weights (pretrained)"
     assert notice == f"downloading the ImageNet weights of resnet18 from {url}"
     assert error.startswith(f"Error: cannot get the ImageNet weights of resnet18 from {url} (")
     assert error.endswith("); on a machine without network use --weights FILE (a saved state_dict) or --no-pretrained")
@@ -232,7 +235,7 @@ def test_a_missing_image_file_fails_before_training(tmp_path):
     (tmp_path / "images" / store_path).unlink()
     result = run_cli(["train", "--snapshot", "digits", *TINY], location)
     assert result.exit_code == 1
-    assert result.stderr == (f"Error: 1 file(s) of snapshot 'digits' are missing from the image store "
+    assert result.stderr.endswith(f"\nError: 1 file(s) of snapshot 'digits' are missing from the image store "
                              f"{tmp_path / 'images'} (first: {store_path}, image {image_id}); restore the store, "
                              "or make a new snapshot without them\n")
     assert catalog_rows(location, "SELECT count(*) FROM runs") == [(0,)]
@@ -240,6 +243,12 @@ def test_a_missing_image_file_fails_before_training(tmp_path):
 
 def test_bad_options_are_refused_before_training(trained):
     cases = [
+        (["--sizes", "48,64"], "Error: --size and --sizes contradict each other: give every size in --sizes"),
+        (["--halve-bs"], "Error: --halve-bs halves the batch size at each further size of --sizes; give --sizes with "
+                         "two sizes or more"),
+        (["--freeze-epochs", "1"], "Error: --freeze-epochs trains only the new head on top of pretrained weights; "
+                                   "with --no-pretrained the whole network starts random, so there is no frozen phase"),
+        (["--resume", "1"], "Error: --resume continues run 1 with the options it was started with; drop --arch, "),
         (["--arch", "resnet19"], "Error: unknown architecture 'resnet19' (did you mean 'resnet18'?); use one of: "
                                  "convnext_base, "),
         (["--lr", "fast"], "Error: Invalid value for --lr: 'fast' is neither a number nor auto"),
@@ -336,18 +345,19 @@ def test_presize_cache_matches_the_file_pipeline_and_is_reused(trained, tmp_path
 
 @pytest.mark.slow
 def test_progressive_resizing_and_lr_find(trained):
-    result = run_cli(["train", "--snapshot", "digits", *TINY, "--sizes", "48,64", "--halve-bs", "--lr", "auto",
-                      "--freeze-epochs", "0"], trained.location)
+    result = run_cli(["train", "--snapshot", "digits", *TINY_ANY_SIZE, "--epochs", "1", "--sizes", "48,64",
+                      "--halve-bs", "--lr", "auto"], trained.location)
     assert result.exit_code == 0, result.output
     run_id = int(result.stdout.split()[1].rstrip(":"))
     assert [(e[1], e[2]) for e in epoch_rows(trained.location, run_id)] == [("unfrozen", 48), ("unfrozen", 64)]
     config = json.loads(catalog_rows(trained.location, f"SELECT config FROM runs WHERE id = {run_id}")[0][0])
     assert config["lr"] is None and 1e-7 < config["lr_found"] < 1 and config["halve_bs"] is True
-    assert f"lr_find suggests lr {config['lr_found']:.2e}" in result.stdout
+    assert f"lr_find suggests lr {config['lr_found']:.2e} (plot: lr_find.png)" in result.stdout
+    assert _png_size(trained.root / "runs" / str(run_id) / "lr_find.png") == (600, 400)
 
 
 def _start_long_run(location: str) -> subprocess.Popen:
-    # 1 frozen and 40 unfrozen epochs: far longer than the test waits.
+    # 40 epochs: far longer than the test waits.
     return subprocess.Popen([sys.executable, "-m", "fastclass", "--catalog", location, "train", "--snapshot", "digits",
                              *TINY, "--epochs", "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
@@ -386,9 +396,46 @@ def test_ctrl_c_marks_the_run_interrupted(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert stderr.endswith("Error: interrupted; everything committed so far is kept, re-run to continue\n")
+    kept = len(epoch_rows(location, run_id))
+    assert stderr.endswith(f"Error: interrupted; run {run_id} keeps its {kept} completed epoch(s): continue it with "
+                           f"`fastclass train --resume {run_id}`\n")
     assert catalog_rows(location, f"SELECT status, error FROM runs WHERE id = {run_id}") == [
         ("interrupted", "interrupted (Ctrl-C)")]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_to_the_same_number_of_epochs(tmp_path):
+    location = digits_catalog(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "fastclass", "--catalog", location, "train", "--snapshot", "digits",
+                             *TINY, "--epochs", "6", "--bs", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    run_id = _wait_for_epochs(location, proc, 2)
+    time.sleep(0.3)  # into the third epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    kept = epoch_rows(location, run_id)
+    assert 2 <= len(kept) < 6
+    run_dir = tmp_path / "runs" / str(run_id)
+    assert (run_dir / "models" / "checkpoint.pth").is_file() and not (run_dir / "export.pkl").exists()
+
+    changed = run_cli(["train", "--resume", str(run_id), "--epochs", "9", "--lr", "1e-2", "--snapshot", "digits"],
+                      location)
+    assert changed.exit_code == 2 and changed.stderr.endswith(
+        f"Error: --resume continues run {run_id} with the options it was started with; drop --epochs, --lr, "
+        "--snapshot\n")
+    resumed = run_cli(["train", "--resume", str(run_id), "--json"], location)
+    assert resumed.exit_code == 0, resumed.output
+    result = json.loads(resumed.stdout)
+    rows = epoch_rows(location, run_id)
+    assert result["run_id"] == run_id and [r[0] for r in rows] == list(range(6))
+    assert rows[:len(kept)] == kept, "the epochs before the kill are kept as they were"
+    assert catalog_rows(location, "SELECT count(*), min(status) FROM runs") == [(1, "done")]
+    assert (run_dir / "export.pkl").is_file() and not (run_dir / "models").exists()
+    with open(run_dir / "metrics.csv") as fh:
+        assert [int(m["epoch"]) for m in csv.DictReader(fh)] == list(range(6))
+    again = run_cli(["train", "--resume", str(run_id)], location)
+    assert again.exit_code == 1 and again.stderr.endswith(
+        f"\nError: run {run_id} finished; there is nothing to resume (train a new run instead)\n")
 
 
 @pytest.mark.slow
@@ -402,7 +449,7 @@ def test_two_processes_train_one_run_recorded_once(tmp_path):
     assert catalog_rows(location, "SELECT id, status, device FROM runs") == [
         (run["run_id"], "done", run["device"])]
     assert run["device"].endswith(" x 2 processes")
-    assert [(e[0], e[1]) for e in epoch_rows(location, run["run_id"])] == [(0, "frozen"), (1, "unfrozen")]
+    assert [(e[0], e[1]) for e in epoch_rows(location, run["run_id"])] == [(0, "unfrozen"), (1, "unfrozen")]
     config = json.loads((Path(run["artifact_dir"]) / "config.json").read_text())
     assert config["processes"] == 2 and (Path(run["artifact_dir"]) / "export.pkl").exists()
     with open(Path(run["artifact_dir"]) / "metrics.csv") as fh:
@@ -412,8 +459,8 @@ def test_two_processes_train_one_run_recorded_once(tmp_path):
     for *_, accuracy, _, _ in epoch_rows(location, run["run_id"]):
         assert round(accuracy * valid) == pytest.approx(accuracy * valid, abs=1e-4)
     refused = run_cli(["train", "--snapshot", "digits", *TINY, "--lr", "auto", "--nproc", "2"], location)
-    assert refused.exit_code == 1 and refused.stderr == (
-        "Error: --lr auto runs lr_find in one process: find the rate with a one-process run (or give --lr) and "
+    assert refused.exit_code == 1 and refused.stderr.endswith(
+        "\nError: --lr auto runs lr_find in one process: find the rate with a one-process run (or give --lr) and "
         "train with several processes after\n")
 
 
@@ -467,3 +514,125 @@ def test_imagenet_weights_beat_random_ones_on_a_small_photo_set(tmp_path):
         assert result.exit_code == 0, result.output
         accuracy[name] = json.loads(result.stdout)["accuracy"]
     assert accuracy["imagenet"] >= 0.85 and accuracy["imagenet"] - accuracy["random"] >= 0.3, accuracy
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as png:
+        png.load()
+        assert png.format == "PNG"
+        return png.size
+
+
+def test_the_run_folder_holds_its_pictures(trained):
+    assert _png_size(trained.run_dir / "curves.png") == (1100, 400)
+    assert _png_size(trained.run_dir / "interpret" / "top_losses.png") == (1300, 330)
+    with open(trained.run_dir / "interpret" / "top_losses.csv") as fh:
+        top = list(csv.DictReader(fh))
+    stored = dict(catalog_rows(trained.location, "SELECT id, store_path FROM images"))
+    assert all(row["store_path"] == stored[int(row["image"])] and len(row["sha256"]) == 64 for row in top)
+    assert not (trained.run_dir / "models").exists(), "a finished run keeps no checkpoint"
+
+
+def _console_lines(text: str) -> list[str]:
+    return [line for line in text.replace("\r\n", "\n").split("\n")]
+
+
+def test_training_console_on_a_terminal_and_through_a_pipe(trained):
+    args = ["-m", "fastclass", "--catalog", trained.location, "train", "--snapshot", "digits", *TINY, "--epochs", "3",
+            "--bs", "4"]
+    child = pexpect.spawn(sys.executable, args, env=ENV, encoding="utf-8", timeout=300, dimensions=(40, 160))
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    screen = child.before
+    # The live bar: batches of the epoch, running loss, the time left in the epoch and (from the second
+    # epoch) in the run; each drawn over itself and cleared before the epoch's row.
+    assert "epoch 1/3 unfrozen 64px" in screen and ("batch/s" in screen or "s/batch" in screen)
+    assert "train, loss " in screen and "run ~" in screen and "<00:" in screen
+    rows = [line for line in _console_lines(screen)
+            if line.split("\r")[-1].lstrip().startswith(("0 unf", "1 unf", "2 unf"))]
+    assert len(rows) == 3, rows
+    assert screen.count("epoch phase      size train_loss") == 1
+    assert screen.index("preparing: reading snapshot digits") < screen.index("epoch phase")
+
+    piped = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert "\r" not in piped.stdout + piped.stderr and "batch" not in piped.stderr
+    lines = piped.stdout.splitlines()
+    assert lines[0].startswith("Run ") and lines[2].startswith("epoch phase")
+    assert [line.split()[:2] for line in lines[3:6]] == [["0", "unfrozen"], ["1", "unfrozen"], ["2", "unfrozen"]]
+    assert lines[6].startswith("Run ") and " done in " in lines[6] and len(lines) == 7
+    assert all(line.startswith("  preparing: ") for line in piped.stderr.splitlines())
+    quiet = subprocess.run([sys.executable, *args[:4], "-q", *args[4:]], capture_output=True, text=True, env=ENV,
+                           timeout=300)
+    assert quiet.stderr == "" and len(quiet.stdout.splitlines()) == 1 and " done in " in quiet.stdout
+
+
+def test_save_best_exports_the_lowest_valid_loss_and_early_stop_stops(trained):
+    # A learning rate this high on random weights gets worse after its best epoch: the plant.
+    best = json.loads(run_cli(["train", "--snapshot", "digits", *TINY, "--epochs", "4", "--lr", "0.01", "--json"],
+                              trained.location).stdout)
+    losses = [row["valid_loss"] for row in best["epochs"]]
+    assert best["exported_epoch"] == losses.index(min(losses)) < 3, losses
+    assert (best["valid_loss"], best["accuracy"]) == (
+        min(losses), best["epochs"][best["exported_epoch"]]["accuracy"])
+    assert catalog_rows(trained.location, f"SELECT valid_loss FROM runs WHERE id = {best['run_id']}") == [
+        (min(losses),)]
+    config = json.loads((Path(best["artifact_dir"]) / "config.json").read_text())
+    assert (config["save"], config["exported_epoch"]) == ("best", best["exported_epoch"])
+    # The exported weights are that epoch's: its valid loss again, image by image (interpret).
+    assert run_cli(["interpret", str(best["run_id"])], trained.location).exit_code == 0
+    valid = catalog_rows(trained.location, f"SELECT loss FROM run_losses WHERE run_id = {best['run_id']} AND is_valid")
+    assert sum(loss for (loss,) in valid) / len(valid) == pytest.approx(min(losses), rel=1e-3)
+
+    last = json.loads(run_cli(["train", "--snapshot", "digits", *TINY, "--epochs", "4", "--lr", "0.01", "--save",
+                               "last", "--json"], trained.location).stdout)
+    assert [row["valid_loss"] for row in last["epochs"]] == losses
+    assert last["exported_epoch"] == 3 and last["valid_loss"] == losses[3]
+
+    stopped = json.loads(run_cli(["train", "--snapshot", "digits", *TINY, "--epochs", "6", "--lr", "0.03",
+                                  "--early-stop", "1", "--json"], trained.location).stdout)
+    losses = [row["valid_loss"] for row in stopped["epochs"]]
+    assert stopped["stopped_early"] and len(losses) < 6
+    assert losses[-1] >= min(losses[:-1]), "it stopped after an epoch without a lower valid loss"
+    assert all(b < a for a, b in zip(losses[:-2], losses[1:-1])), "and not before"
+
+
+def test_runs_compare_shows_metrics_differences_and_one_png(trained, tmp_path):
+    other = json.loads(run_cli(["train", "--snapshot", "digits", *TINY_ANY_SIZE, "--size", "48", "--epochs", "1",
+                                "--json"], trained.location).stdout)["run_id"]
+    out = tmp_path / "both.png"
+    result = run_cli(["runs", "compare", "1", str(other), "--out", str(out)], trained.location)
+    assert result.exit_code == 0, result.output
+    runs = {row["id"]: row for row in json.loads(run_cli(["runs", "--json"], trained.location).stdout)}
+    a, b = runs[1], runs[other]
+
+    def num(value, digits=4):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    expected = [
+        f"{'':16s}{'run 1':>12s}{'run ' + str(other):>12s}",
+        f"{'status':16s}{'done':>12s}{'done':>12s}",
+        f"{'epochs':16s}{'2':>12s}{'1':>12s}",
+        f"{'valid_loss':16s}{num(a['valid_loss']):>12s}{num(b['valid_loss']):>12s}",
+        f"{'accuracy':16s}{num(a['accuracy']):>12s}{num(b['accuracy']):>12s}",
+        f"{'tta_accuracy':16s}{num(a['tta_accuracy']):>12s}{'-':>12s}",
+        f"{'seconds':16s}{num(a['seconds'], 1):>12s}{num(b['seconds'], 1):>12s}",
+        "options that differ:",
+    ]
+    configs = [json.loads(run_cli(["runs", "show", str(i), "--json"], trained.location).stdout)["config"]
+               for i in (1, other)]
+    shown = {list: lambda v: ",".join(map(str, v)), bool: str, int: str}
+    for key in sorted(set(configs[0]) | set(configs[1])):
+        if key not in ("labels", "stats", "train_images", "valid_images", "weights_loaded") \
+                and configs[0].get(key) != configs[1].get(key):
+            expected.append(f"{'  ' + key:16s}" + "".join(f"{shown[type(c[key])](c[key]):>12s}" for c in configs))
+    assert {line.split()[0] for line in expected[8:]} >= {"epochs", "sizes", "presizes", "tta"}
+    expected.append(f"curves: {out}")
+    assert result.stdout.splitlines() == expected
+    assert _png_size(out) == (1100, 400)
+    data = json.loads(run_cli(["runs", "compare", "1", str(other), "--out", str(out), "--json"],
+                              trained.location).stdout)
+    assert data["differences"]["sizes"] == [[64], [48]] and data["runs"] == [1, other]
+    assert run_cli(["runs", "compare", "1"], trained.location).stderr == (
+        "Error: compare needs at least two runs\n")

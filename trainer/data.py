@@ -37,7 +37,8 @@ PRESIZE_FACTOR = 460 / 224
 
 @dataclass(frozen=True)
 class SnapshotData:
-    """A snapshot's images as a table (columns image_id, sha256, path, label, is_valid) and its label vocabulary."""
+    """A snapshot's images as a table (columns image_id, sha256, store_path, path (a local file), label,
+    is_valid) and its label vocabulary."""
 
     name: str
     snapshot_id: int
@@ -67,6 +68,7 @@ def snapshot_data(session: Session, store: Store, name: str) -> SnapshotData:
     frame = pd.DataFrame({
         "image_id": [i.image_id for i in items],
         "sha256": [i.sha256 for i in items],
+        "store_path": [i.store_path for i in items],
         "path": [str(store.path(i.store_path)) for i in items],
         "label": [i.label for i in items],
         "is_valid": [bool(i.is_valid) for i in items],

@@ -18,6 +18,7 @@ from fastclass.catalog import find_run
 from fastclass.errors import FastclassError
 from fastclass.store import Store
 from trainer.data import snapshot_data
+from trainer.plots import plot_confusion, plot_top_losses
 from trainer.runs import EXPORT_NAME
 
 INSERT_CHUNK = 1000
@@ -114,26 +115,30 @@ def interpret_run(session: Session, store: Store, run_ref: str, out_dir: Path | 
     result.most_confused = [{"actual": a, "predicted": p, "count": n} for n, a, p in sorted(pairs, key=lambda t: (-t[0], t[1], t[2]))]
     order = sorted(range(len(rows)), key=lambda k: -rows[k]["loss"])[:top]
     result.top_losses = [{"image": rows[k]["image_id"], "sha256": data.frame.sha256.iloc[k],
+                          "store_path": data.frame.store_path.iloc[k],
                           "split": "valid" if rows[k]["is_valid"] else "train", "label": rows[k]["label"],
                           "predicted": rows[k]["predicted"], "probability": round(rows[k]["probability"], 4),
                           "loss": round(rows[k]["loss"], 4)} for k in order]
-    _write_reports(result)
+    _write_reports(result, {row["image"]: data.frame.path.iloc[k] for row, k in zip(result.top_losses, order)})
     return result
 
 
-def _write_reports(result: InterpretResult) -> None:
+def _write_reports(result: InterpretResult, files: dict[int, str]) -> None:
+    """The reports beside each other; `files` maps each top-loss image to its local file, for the grid."""
     out = result.out_dir
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _plot_confusion(result.confusion, result.labels, out / "confusion_matrix.png",
-                        f"run {result.run_id}: valid accuracy {result.valid_accuracy:.3f}")
+        plot_confusion(result.confusion, result.labels, out / "confusion_matrix.png",
+                       f"run {result.run_id}: valid accuracy {result.valid_accuracy:.3f}")
+        plot_top_losses([{**row, "file": files.get(row["image"])} for row in result.top_losses],
+                        out / "top_losses.png", f"run {result.run_id}: top {len(result.top_losses)} losses")
         _write_csv(out / "most_confused.csv", ["actual", "predicted", "count"], result.most_confused)
         _write_csv(out / "per_class.csv", ["label", "valid", "correct", "accuracy"], result.per_class)
-        _write_csv(out / "top_losses.csv", ["image", "sha256", "split", "label", "predicted", "probability", "loss"],
-                   result.top_losses)
+        _write_csv(out / "top_losses.csv", ["image", "sha256", "store_path", "split", "label", "predicted",
+                                            "probability", "loss"], result.top_losses)
         result.files = {name: str(out / name) for name in
                         ("confusion_matrix.png", "most_confused.csv", "per_class.csv", "top_losses.csv",
-                         "interpret.json")}
+                         "top_losses.png", "interpret.json")}
         (out / "interpret.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     except OSError as exc:
         raise FastclassError(f"cannot write the interpretation to {out}: {exc.strerror or exc}") from exc
@@ -144,27 +149,3 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer = csv.DictWriter(fh, columns)
         writer.writeheader()
         writer.writerows(rows)
-
-
-def _plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    n = len(labels)
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * n + 2), max(4, 0.6 * n + 2)), dpi=100)
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), labels, rotation=90)
-    ax.set_yticks(range(n), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(title)
-    peak = max((max(row) for row in matrix), default=0)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(matrix[i][j]), ha="center", va="center",
-                    color="white" if matrix[i][j] > peak / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

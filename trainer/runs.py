@@ -21,6 +21,8 @@ from fastclass.store import process_alive
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.csv"
 EXPORT_NAME = "export.pkl"
+CURVES_NAME = "curves.png"
+LR_FIND_NAME = "lr_find.png"
 EPOCH_COLUMNS = ("epoch", "phase", "size", "train_loss", "valid_loss", "error_rate", "accuracy", "seconds",
                  "images_per_s")
 
@@ -87,11 +89,34 @@ def record_epoch(session: Session, run: TrainingRun, row: EpochRow) -> None:
         csv.writer(fh).writerow([getattr(row, c) for c in EPOCH_COLUMNS])
 
 
+def reopen_run(session: Session, run: TrainingRun, epochs: int, device: str) -> list[EpochRow]:
+    """Make an unfinished run running again in this process from its checkpoint after `epochs` epochs:
+    rows recorded after that checkpoint are dropped (their epochs run again), metrics.csv rewritten to
+    match. Returns the rows kept."""
+    session.query(RunEpoch).filter(RunEpoch.run_id == run.id, RunEpoch.epoch >= epochs).delete()
+    run.status, run.error, run.finished_at = RunStatus.RUNNING.value, None, None
+    run.host, run.pid, run.device = socket.gethostname(), os.getpid(), device
+    session.commit()
+    rows = [EpochRow(**{c: getattr(r, c) for c in EPOCH_COLUMNS}) for r in session.scalars(
+        select(RunEpoch).where(RunEpoch.run_id == run.id).order_by(RunEpoch.epoch))]
+    partial = Path(run.artifact_dir, METRICS_NAME + ".partial")
+    with open(partial, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(EPOCH_COLUMNS)
+        writer.writerows([getattr(row, c) for c in EPOCH_COLUMNS] for row in rows)
+    os.replace(partial, Path(run.artifact_dir, METRICS_NAME))
+    return rows
+
+
 def finish_run(session: Session, run_id: int, status: RunStatus, error: str | None = None, **metrics) -> None:
     session.rollback()
     session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(
         status=status.value, error=error, finished_at=utcnow(), **metrics))
     session.commit()
+
+
+def epoch_count(session: Session, run_id: int) -> int:
+    return session.scalar(select(func.count()).select_from(RunEpoch).where(RunEpoch.run_id == run_id)) or 0
 
 
 def shown_status(run: TrainingRun) -> str:
@@ -130,3 +155,31 @@ def show_run(session: Session, run_id: int | str) -> dict:
                  "code_version": run.code_version, "host": run.host,
                  "epoch_rows": [{c: getattr(r, c) for c in EPOCH_COLUMNS} for r in rows]})
     return data
+
+
+# Config entries every run has its own value of, or that only restate another: not "differences".
+NOT_COMPARED = {"labels", "stats", "train_images", "valid_images", "weights_loaded"}
+
+
+def compare_runs(session: Session, refs: list[str]) -> dict:
+    """Runs side by side: summary metrics, the config entries whose values differ, every epoch row."""
+    if len(refs) < 2:
+        raise FastclassError("compare needs at least two runs")
+    shown = [show_run(session, ref) for ref in refs]
+    ids = [data["id"] for data in shown]
+    if len(set(ids)) < len(ids):
+        raise FastclassError("compare needs distinct runs (one was named twice)")
+    keys = sorted({k for data in shown for k in data["config"]} - NOT_COMPARED)
+    differences = {}
+    for key in keys:
+        values = [data["config"].get(key) for data in shown]
+        if any(v != values[0] for v in values[1:]):
+            differences[key] = values
+    for key in ("arch", "snapshot", "device"):
+        values = [data[key] for data in shown]
+        if any(v != values[0] for v in values[1:]):
+            differences[key] = values
+    metrics = ("status", "epochs", "valid_loss", "accuracy", "tta_accuracy", "seconds")
+    return {"runs": ids, "metrics": {m: [data[m] for data in shown] for m in metrics},
+            "differences": dict(sorted(differences.items())),
+            "epoch_rows": {data["id"]: data["epoch_rows"] for data in shown}}

@@ -3,13 +3,17 @@
 The recipe is fastai's fine_tune made explicit: `freeze_epochs` with only the new head training, then
 `epochs` with the whole network unfrozen and discriminative learning rates (slice(lr / lr_mult, lr)),
 then, for each further size of `sizes`, the same again on bigger images starting from those weights
-(progressive resizing). Every epoch row is committed as the epoch ends.
+(progressive resizing). Every epoch row is committed as the epoch ends, with a checkpoint (model and
+optimizer) that `train --resume` continues from, and the best weights by valid loss (`--save best`), which
+are what is exported when the run ends.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,19 +21,36 @@ from typing import Callable
 
 from sqlalchemy.orm import Session
 
-from db.models import RunStatus
+from db.models import RunStatus, Snapshot
+from fastclass.catalog import find_run
 from fastclass.errors import FastclassError
 from fastclass.store import Store
-from trainer.archs import PRETRAINED, build_body, get_arch
+from trainer.archs import NO_WEIGHTS, PRETRAINED, build_body, get_arch
 from trainer.data import build_dataloaders, presize_cache, presize_for, snapshot_data
 from trainer.distributed import data_parallel, process_group, rank0_first
-from trainer.runs import EXPORT_NAME, EpochRow, finish_run, record_epoch, start_run, write_config
+from trainer.plots import plot_curves, save_lr_find
+from trainer.runs import (
+    CURVES_NAME,
+    EXPORT_NAME,
+    LR_FIND_NAME,
+    EpochRow,
+    finish_run,
+    record_epoch,
+    reopen_run,
+    shown_status,
+    start_run,
+    write_config,
+)
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 CACHE_DIR = "cache"  # beside runs/: presized images, keyed by snapshot digest and presize; safe to delete
-PROGRESS_STEPS = 1000  # progress units per epoch, so the bar moves within an epoch
+MODELS_DIR = "models"  # in the run folder while it trains: the checkpoint and the best weights so far
+CHECKPOINT_NAME = "checkpoint.pth"
+CHECKPOINT_STATE = "checkpoint.json"
+BEST_NAME = "best.pth"
+SAVE_CHOICES = ("best", "last")
 
 
 @dataclass
@@ -40,7 +61,8 @@ class TrainConfig:
     arch: str = "resnet34"
     weights: str = PRETRAINED
     epochs: int = 4
-    freeze_epochs: int = 1
+    freeze_epochs: int | None = None
+    """Epochs training only the new head: 1 on pretrained weights, 0 on random ones (None: that default)."""
     lr: float | None = 2e-3
     lr_mult: float = 100.0
     fp16: bool | None = None
@@ -54,9 +76,28 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     cache: bool | None = None
+    save: str = "best"
+    """Which epoch's weights are exported: the lowest valid loss (best) or the last."""
+    early_stop: int | None = None
+    """Stop after this many epochs without a lower valid loss (None: never)."""
+
+    def __post_init__(self) -> None:
+        if self.freeze_epochs is None:
+            self.freeze_epochs = 0 if self.weights == NO_WEIGHTS else 1
 
     def check(self, processes: int = 1) -> None:
         """Refuse what cannot work, before anything is loaded (`processes`: the size of a multi-process run)."""
+        if self.weights == NO_WEIGHTS and self.freeze_epochs:
+            raise FastclassError("--freeze-epochs trains only the new head on top of pretrained weights; with "
+                                 "--no-pretrained the whole network starts random, so there is no frozen phase "
+                                 "(drop --freeze-epochs)")
+        if self.halve_bs and len(self.sizes) < 2:
+            raise FastclassError("--halve-bs halves the batch size at each further size of --sizes; give --sizes "
+                                 "with two sizes or more")
+        if self.save not in SAVE_CHOICES:
+            raise FastclassError(f"--save {self.save!r}: use best or last")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise FastclassError("--early-stop must be at least 1 epoch")
         if processes > 1 and self.lr is None:
             raise FastclassError("--lr auto runs lr_find in one process: find the rate with a one-process run "
                                  "(or give --lr) and train with several processes after")
@@ -91,6 +132,9 @@ class TrainResult:
     valid_loss: float | None = None
     accuracy: float | None = None
     tta_accuracy: float | None = None
+    exported_epoch: int | None = None
+    """The epoch whose weights were exported (and whose metrics are the run's): see --save."""
+    stopped_early: bool = False
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -120,26 +164,117 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+@dataclass
+class BatchProgress:
+    """Where an epoch is: its batches done of total (training, then validation) and the running loss."""
+
+    epoch: int
+    total_epochs: int
+    phase: str
+    size: int
+    done: int
+    total: int
+    stage: str
+    loss: float | None
+
+
+@dataclass
+class Phase:
+    """One fit_one_cycle of the recipe: frozen or unfrozen, at one size and batch size."""
+
+    name: str
+    size: int
+    bs: int
+    epochs: int
+    lr: object
+    pct_start: float
+
+
+def plan_phases(config: TrainConfig, lr: float) -> list[Phase]:
+    """The recipe as phases: the frozen head, then the whole network at each size (lr halved after the
+    frozen phase, the batch size halved per further size with --halve-bs)."""
+    phases = []
+    if config.freeze_epochs:
+        phases.append(Phase("frozen", config.sizes[0], config.bs, config.freeze_epochs, lr, 0.99))
+        lr /= 2
+    bs = config.bs
+    for index, size in enumerate(config.sizes):
+        if index and config.halve_bs:
+            bs = max(1, bs // 2)
+        if config.epochs:
+            phases.append(Phase("unfrozen", size, bs, config.epochs, slice(lr / config.lr_mult, lr), 0.3))
+    return phases
+
+
+@dataclass
+class Checkpoint:
+    """What `train --resume` continues from: the epochs completed, and the best and early-stop state then."""
+
+    epochs: int = 0
+    best_epoch: int | None = None
+    best_loss: float | None = None
+    since_best: int = 0
+
+
 class _Tracker:
-    """What the epoch callback needs across phases: the run, counters, and the caller's callbacks."""
+    """What the epoch callback needs across phases: the run, the rows, the best epoch and the hooks."""
 
-    def __init__(self, session: Session, run, total_epochs: int, progress, on_epoch, world: int) -> None:
-        self.session, self.run, self.total_epochs = session, run, total_epochs
-        self.progress, self.on_epoch, self.world = progress, on_epoch, world
-        self.rows: list[EpochRow] = []
+    def __init__(self, session: Session, run, config: TrainConfig, hooks: "TrainHooks", world: int,
+                 rows: list[EpochRow] | None = None, state: Checkpoint | None = None) -> None:
+        self.session, self.run, self.config, self.hooks, self.world = session, run, config, hooks, world
+        self.total_epochs = config.freeze_epochs + config.epochs * len(config.sizes)
+        self.rows: list[EpochRow] = list(rows or [])
+        self.state = state or Checkpoint()
+        self.stopped_early = False
 
-    def report(self, fraction: float, detail: str) -> None:
-        if self.progress is not None:
-            done = len(self.rows) * PROGRESS_STEPS + int(fraction * PROGRESS_STEPS)
-            self.progress(min(done, self.total_epochs * PROGRESS_STEPS), self.total_epochs * PROGRESS_STEPS, detail)
+    @property
+    def models(self) -> Path | None:
+        return Path(self.run.artifact_dir) / MODELS_DIR if self.run is not None else None
 
-    def add(self, row: EpochRow) -> None:
-        # Only the first process of a multi-process run records; the others train their share in silence.
+    def add(self, learn, row: EpochRow) -> None:
+        """Record the epoch, keep the best weights and the checkpoint; may stop the run (--early-stop)."""
+        from fastai.callback.core import CancelFitException
+
+        improved = row.valid_loss is not None and (self.state.best_loss is None
+                                                     or row.valid_loss < self.state.best_loss)
+        if improved:
+            self.state.best_epoch, self.state.best_loss, self.state.since_best = row.epoch, row.valid_loss, 0
+        else:
+            self.state.since_best += 1
+        self.state.epochs = row.epoch + 1
+        # Only the first process of a multi-process run records and writes; the others train their share.
         if self.run is not None:
             record_epoch(self.session, self.run, row)
+            if improved and self.config.save == "best":
+                _save_weights(learn, self.models / BEST_NAME, with_opt=False)
+            _save_weights(learn, self.models / CHECKPOINT_NAME, with_opt=True)
+            _write_json(self.models / CHECKPOINT_STATE, asdict(self.state))
+            plot_curves(self.rows + [row], Path(self.run.artifact_dir) / CURVES_NAME,
+                        f"run {self.run.id}: {self.run.arch}", self.state.best_epoch if self.config.save == "best"
+                        else None)
         self.rows.append(row)
-        if self.on_epoch is not None:
-            self.on_epoch(row)
+        if self.hooks.on_epoch is not None:
+            self.hooks.on_epoch(row)
+        if self.config.early_stop and self.state.since_best >= self.config.early_stop \
+                and self.state.epochs < self.total_epochs:
+            self.stopped_early = True
+            raise CancelFitException()
+
+
+def _save_weights(learn, path: Path, with_opt: bool) -> None:
+    """fastai's save_model, written beside and renamed: a kill mid-write leaves the previous file whole."""
+    from fastai.learner import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_model(partial, learn.model, getattr(learn, "opt", None), with_opt=with_opt)
+    os.replace(partial, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data) + "\n")
+    os.replace(partial, path)
 
 
 def _epoch_callback(tracker: _Tracker, phase: str, size: int):
@@ -148,42 +283,60 @@ def _epoch_callback(tracker: _Tracker, phase: str, size: int):
     from fastai.torch_core import find_bs
 
     class EpochRecorder(Callback):
-        # After the Recorder, which has computed the epoch's losses and metrics by then.
+        # After the Recorder, which has computed the epoch's losses and metrics by then; before fastai's
+        # SkipToEpoch (order 70), which cancels the epochs a resumed run already has.
         order = Recorder.order + 1
 
         def before_epoch(self) -> None:
             self.started = time.monotonic()
-            self.images, self.train_seconds = 0, 0.0
+            self.images, self.train_seconds, self.trained = 0, 0.0, False
+            self.train_batches = len(self.dls.train)
+            self.total = self.train_batches + len(self.dls.valid)
 
         def before_train(self) -> None:
             self.train_started = time.monotonic()
+            self.trained = True
 
         def after_batch(self) -> None:
             if self.training:
                 self.images += find_bs(self.yb)
-                tracker.report(self.iter / max(1, self.n_iter),
-                               f"epoch {len(tracker.rows) + 1}/{tracker.total_epochs} {phase} {size}px")
+            if tracker.hooks.on_batch is not None:
+                done = self.iter + 1 + (0 if self.training else self.train_batches)
+                loss = getattr(self.recorder, "smooth_loss", None)
+                tracker.hooks.on_batch(BatchProgress(
+                    len(tracker.rows), tracker.total_epochs, phase, size, done, self.total,
+                    "train" if self.training else "valid", _finite(loss.value) if loss is not None else None))
 
         def after_train(self) -> None:
             self.train_seconds = time.monotonic() - self.train_started
 
         def after_epoch(self) -> None:
+            if not self.trained:
+                return
             train_loss, valid_loss, error, acc = (list(self.recorder.values[-1]) + [math.nan] * 4)[:4]
-            tracker.add(EpochRow(len(tracker.rows), phase, size, _finite(train_loss), _finite(valid_loss),
-                                 _finite(error), _finite(acc), round(time.monotonic() - self.started, 3),
-                                 round(tracker.world * self.images / max(self.train_seconds, 1e-9), 1)))
+            tracker.add(self.learn, EpochRow(
+                len(tracker.rows), phase, size, _finite(train_loss), _finite(valid_loss), _finite(error),
+                _finite(acc), round(time.monotonic() - self.started, 3),
+                round(tracker.world * self.images / max(self.train_seconds, 1e-9), 1)))
 
     return EpochRecorder()
 
 
 @dataclass
 class TrainHooks:
-    """How a caller follows a run: a progress bar, the run starting, lr_find's pick, each epoch's row."""
+    """How a caller follows a run: preparation stages (with a count where one exists), the run starting,
+    lr_find's pick, every batch, each epoch's row."""
 
     progress: Callable[[int, int, str], None] | None = None
+    on_stage: Callable[[str], None] | None = None
     on_start: Callable[[TrainResult], None] | None = None
     on_lr: Callable[[float], None] | None = None
+    on_batch: Callable[[BatchProgress], None] | None = None
     on_epoch: Callable[[EpochRow], None] | None = None
+
+    def stage(self, text: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(text)
 
 
 def train_snapshot(session: Session, store: Store, config: TrainConfig, runs_root: Path,
@@ -193,10 +346,56 @@ def train_snapshot(session: Session, store: Store, config: TrainConfig, runs_roo
     Everything that can be refused (unknown snapshot or arch, missing files, unreachable weights, no GPU)
     is checked before a run row exists or any data is loaded.
     """
+    return _train(session, store, config, runs_root, hooks or TrainHooks())
+
+
+def resume_run(session: Session, store: Store, run_ref: str, runs_root: Path, hooks: TrainHooks | None = None,
+               device: str | None = None, workers: int | None = None) -> TrainResult:
+    """Continue an interrupted (or killed, or failed) run from its last completed epoch, with the options
+    it was started with: its epoch rows are kept and the next ones appended to the same run."""
+    run = find_run(session, run_ref)
+    status = shown_status(run)
+    if status == RunStatus.DONE.value:
+        raise FastclassError(f"run {run.id} finished; there is nothing to resume (train a new run instead)")
+    if status == RunStatus.RUNNING.value:
+        raise FastclassError(f"run {run.id} is still running (process {run.pid} on {run.host})")
+    models = Path(run.artifact_dir) / MODELS_DIR
+    try:
+        state = Checkpoint(**json.loads((models / CHECKPOINT_STATE).read_text()))
+    except (OSError, ValueError, TypeError):
+        state = None
+    if state is None or not (models / CHECKPOINT_NAME).is_file():
+        raise FastclassError(f"run {run.id} has no checkpoint to resume from (it stopped before its first epoch "
+                             "ended, or its folder was cleaned); train a new run instead")
+    resolved = json.loads(run.config)
+    config = config_from_record(resolved, device, workers)
+    snapshot = session.get(Snapshot, run.snapshot_id)
+    if snapshot.name != config.snapshot:
+        raise FastclassError(f"run {run.id} was trained on snapshot {snapshot.name!r}, not {config.snapshot!r}")
+    return _train(session, store, config, runs_root, hooks or TrainHooks(), resume=(run, state, resolved))
+
+
+def config_from_record(resolved: dict, device: str | None = None, workers: int | None = None) -> TrainConfig:
+    """The TrainConfig a recorded run was started with (its lr_find pick as its lr)."""
+    names = {f for f in TrainConfig.__dataclass_fields__}
+    values = {k: v for k, v in resolved.items() if k in names}
+    values["sizes"] = tuple(values["sizes"])
+    if values.get("lr") is None:
+        values["lr"] = resolved.get("lr_found")
+    values["device"] = device or "auto"
+    values["workers"] = workers
+    return TrainConfig(**values)
+
+
+def _train(session: Session, store: Store, config: TrainConfig, runs_root: Path, hooks: TrainHooks,
+           resume: tuple | None = None) -> TrainResult:
     device = resolve_device(config.device)
     cuda = device.type == "cuda"
     rank, world = process_group(cpu=not cuda)
     config.check(world)
+    if resume is not None and world > 1:
+        raise FastclassError("train --resume runs in one process (without --nproc)")
+    hooks.stage(f"reading snapshot {config.snapshot}")
     data = snapshot_data(session, store, config.snapshot)
     spec = get_arch(config.arch)
     fp16 = cuda if config.fp16 is None else config.fp16
@@ -209,28 +408,38 @@ def train_snapshot(session: Session, store: Store, config: TrainConfig, runs_roo
     from fastai.torch_core import set_seed
 
     set_seed(config.seed, reproducible=True)
+    hooks.stage(f"loading {spec.name} weights ({config.weights})" if config.weights != NO_WEIGHTS
+                else f"building {spec.name} with random weights")
     body = build_body(spec, config.weights)
-    resolved = {**asdict(config), "sizes": list(config.sizes), "device": str(device), "fp16": fp16,
-                "workers": workers, "cache": cached, "weights_loaded": body.weights, "stats": list(spec.stats), "labels": data.vocab,
-                "presizes": [presize_for(s, config.presize) for s in config.sizes],
-                "train_images": data.train_count, "valid_images": data.valid_count, "processes": world}
     device_name = _device_name(device) + (f" x {world} processes" if world > 1 else "")
-    run = start_run(session, data.snapshot_id, spec.name, resolved, device_name, runs_root) if rank == 0 else None
+    if resume is None:
+        resolved = {**asdict(config), "sizes": list(config.sizes), "device": str(device), "fp16": fp16,
+                    "workers": workers, "cache": cached, "weights_loaded": body.weights, "stats": list(spec.stats),
+                    "labels": data.vocab, "presizes": [presize_for(s, config.presize) for s in config.sizes],
+                    "train_images": data.train_count, "valid_images": data.valid_count, "processes": world}
+        run = start_run(session, data.snapshot_id, spec.name, resolved, device_name, runs_root) if rank == 0 else None
+        rows, state = [], Checkpoint()
+    else:
+        run, state, resolved = resume
+        if data.vocab != resolved["labels"]:
+            raise FastclassError(f"snapshot {config.snapshot!r} no longer has run {run.id}'s labels")
+        rows = reopen_run(session, run, state.epochs, device_name)
     started = time.monotonic()
     result = TrainResult(run.id if run else None, config.snapshot, spec.name,
                          Path(run.artifact_dir if run else runs_root), device_name, body.weights, config.lr or 0.0,
                          config.lr is None, data.train_count, data.valid_count, data.vocab)
-    hooks = hooks or TrainHooks()
     if hooks.on_start is not None:
         hooks.on_start(result)
-    total_epochs = config.freeze_epochs + config.epochs * len(config.sizes)
-    tracker = _Tracker(session, run, total_epochs, hooks.progress, hooks.on_epoch, world)
+    tracker = _Tracker(session, run, config, hooks, world, rows, state)
 
     def dataloaders(size: int, bs: int, from_cache: bool = cached):
         cache = None
         if from_cache:
+            hooks.stage(f"presizing images into the cache ({presize_for(size, config.presize)} px)")
             cache = rank0_first(world, rank, lambda: presize_cache(data, presize_for(size, config.presize),
-                                                                    runs_root.parent / CACHE_DIR))
+                                                                    runs_root.parent / CACHE_DIR,
+                                                                    progress=hooks.progress))
+        hooks.stage(f"data loaders at {size} px ({data.train_count} train / {data.valid_count} valid images)")
         return build_dataloaders(data, size, config.presize, bs, workers, config.flip, spec.stats, device, cache)
 
     try:
@@ -238,28 +447,41 @@ def train_snapshot(session: Session, store: Store, config: TrainConfig, runs_roo
         if fp16:
             learn.to_fp16()
         learn.freeze()
-        if config.lr is None:
+        if resume is not None:
+            _load_weights(learn, tracker.models / CHECKPOINT_NAME, with_opt=True, device=device)
+        elif config.lr is None:
+            hooks.stage("lr_find: trying learning rates on a few batches")
             result.lr = float(learn.lr_find(show_plot=False).valley)
+            if run is not None:
+                save_lr_find(learn.recorder, result.lr, Path(run.artifact_dir) / LR_FIND_NAME)
             if hooks.on_lr is not None:
                 hooks.on_lr(result.lr)
             resolved["lr_found"] = result.lr
-            write_config(run, resolved)
-            session.commit()
-        bs = _fit_phases(learn, config, result.lr, tracker, dataloaders, distributed=world > 1, cuda=cuda)
+            if run is not None:
+                write_config(run, resolved)
+                session.commit()
+        _fit_phases(learn, plan_phases(config, result.lr), tracker, dataloaders, distributed=world > 1, cuda=cuda)
         result.epochs = tracker.rows
-        last = tracker.rows[-1]
-        result.valid_loss, result.accuracy = last.valid_loss, last.accuracy
+        exported = _exported_row(config, tracker)
+        result.valid_loss, result.accuracy = exported.valid_loss, exported.accuracy
+        result.exported_epoch, result.stopped_early = exported.epoch, tracker.stopped_early
         if rank == 0:
+            if exported is not tracker.rows[-1]:
+                _load_weights(learn, tracker.models / BEST_NAME, with_opt=False, device=device)
             if config.tta:
                 preds, targets = learn.tta(dl=learn.dls.valid)
                 result.tta_accuracy = float((preds.argmax(dim=1) == targets).float().mean())
             learn.to_fp32()
-            if cached:
-                # The exported model must read files (predict, interpret), not this run's cache.
-                learn.dls = dataloaders(config.sizes[-1], bs, from_cache=False)
+            if cached or exported.size != tracker.rows[-1].size:
+                # The exported model reads files (predict, interpret), not this run's cache, at its own size.
+                learn.dls = dataloaders(exported.size, config.bs, from_cache=False)
             # Written beside, then renamed: a kill during the write never leaves a truncated export.pkl.
             learn.export(EXPORT_NAME + ".partial")
             os.replace(Path(learn.path) / (EXPORT_NAME + ".partial"), Path(learn.path) / EXPORT_NAME)
+            resolved.update({"exported_epoch": exported.epoch, "stopped_early": tracker.stopped_early})
+            write_config(run, resolved)
+            plot_curves(tracker.rows, Path(run.artifact_dir) / CURVES_NAME, f"run {run.id}: {run.arch}",
+                        exported.epoch)
     except KeyboardInterrupt:
         if run is not None:
             finish_run(session, run.id, RunStatus.INTERRUPTED, error="interrupted (Ctrl-C)")
@@ -273,29 +495,47 @@ def train_snapshot(session: Session, store: Store, config: TrainConfig, runs_roo
     if run is not None:
         finish_run(session, run.id, RunStatus.DONE, valid_loss=result.valid_loss, accuracy=result.accuracy,
                    tta_accuracy=result.tta_accuracy)
+        # The checkpoints only serve an unfinished run; the export is the model now.
+        shutil.rmtree(tracker.models, ignore_errors=True)
     return result
 
 
-def _fit_phases(learn, config: TrainConfig, lr: float, tracker: _Tracker, dataloaders, distributed: bool,
-                cuda: bool) -> int:
-    """The frozen phase, then the unfrozen phase at each size; returns the last batch size."""
+def _exported_row(config: TrainConfig, tracker: _Tracker) -> EpochRow:
+    if config.save == "best" and tracker.state.best_epoch is not None:
+        return next(r for r in tracker.rows if r.epoch == tracker.state.best_epoch)
+    return tracker.rows[-1]
+
+
+def _load_weights(learn, path: Path, with_opt: bool, device) -> None:
+    from fastai.learner import load_model
+
+    if with_opt and learn.opt is None:
+        learn.create_opt()
+    load_model(path, learn.model, learn.opt if with_opt else None, with_opt=with_opt, device=device)
+
+
+def _fit_phases(learn, phases: list[Phase], tracker: _Tracker, dataloaders, distributed: bool, cuda: bool) -> None:
+    """Each phase in turn; the epochs a resumed run completed are skipped (fastai's start_epoch keeps the
+    one-cycle schedule where it was)."""
     import contextlib
 
+    done = tracker.state.epochs
+    current = (phases[0].size, phases[0].bs) if phases else None
     with data_parallel(learn, cuda) if distributed else contextlib.nullcontext():
-        if config.freeze_epochs:
-            learn.fit_one_cycle(config.freeze_epochs, lr, pct_start=0.99,
-                                cbs=[_epoch_callback(tracker, "frozen", config.sizes[0])])
-            lr /= 2
-        learn.unfreeze()
-        bs = config.bs
-        for index, size in enumerate(config.sizes):
-            if index:
-                bs = max(1, bs // 2) if config.halve_bs else bs
-                learn.dls = dataloaders(size, bs)
-            if config.epochs:
-                learn.fit_one_cycle(config.epochs, slice(lr / config.lr_mult, lr), pct_start=0.3,
-                                    cbs=[_epoch_callback(tracker, "unfrozen", size)])
-    return bs
+        for phase in phases:
+            if phase.name == "unfrozen":
+                learn.unfreeze()
+            if done >= phase.epochs:
+                done -= phase.epochs
+                continue
+            if (phase.size, phase.bs) != current:
+                learn.dls = dataloaders(phase.size, phase.bs)
+                current = (phase.size, phase.bs)
+            learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start, start_epoch=done,
+                                cbs=[_epoch_callback(tracker, phase.name, phase.size)])
+            done = 0
+            if tracker.stopped_early:
+                break
 
 
 def _learner(dls, data, spec, body, path: str, device):

@@ -35,8 +35,8 @@ from fastclass.crawl.fetch import Fetcher, FetchFailed, RewritingSession, Stoppe
 from fastclass.crawl.jobs import job_params
 from fastclass.crawl.options import CrawlOptions
 from fastclass.errors import FastclassError
-from fastclass.ingest.hashsearch import near_copies
 from fastclass.ingest.analyze import ImageFacts, NotAnImage, analyze_bytes, reason_kind
+from fastclass.ingest.hashsearch import near_copies
 from fastclass.ingest.record import (
     PreparedImage,
     SourceInfo,
