@@ -89,11 +89,13 @@ def record_epoch(session: Session, run: TrainingRun, row: EpochRow) -> None:
         csv.writer(fh).writerow([getattr(row, c) for c in EPOCH_COLUMNS])
 
 
-def reopen_run(session: Session, run: TrainingRun, epochs: int, device: str) -> list[EpochRow]:
-    """Make an unfinished run running again in this process from its checkpoint after `epochs` epochs:
-    rows recorded after that checkpoint are dropped (their epochs run again), metrics.csv rewritten to
-    match. Returns the rows kept."""
-    session.query(RunEpoch).filter(RunEpoch.run_id == run.id, RunEpoch.epoch >= epochs).delete()
+def reopen_run(session: Session, run: TrainingRun, last: EpochRow, device: str) -> list[EpochRow]:
+    """Make an unfinished run running again in this process from its checkpoint, whose last epoch is `last`:
+    rows recorded after it are dropped (their epochs run again), its own row is added when the kill came
+    before it was recorded, and metrics.csv is rewritten to match. Returns the rows kept."""
+    session.query(RunEpoch).filter(RunEpoch.run_id == run.id, RunEpoch.epoch > last.epoch).delete()
+    if session.get(RunEpoch, (run.id, last.epoch)) is None:
+        session.add(RunEpoch(run_id=run.id, finished_at=utcnow(), **asdict(last)))
     run.status, run.error, run.finished_at = RunStatus.RUNNING.value, None, None
     run.host, run.pid, run.device = socket.gethostname(), os.getpid(), device
     session.commit()

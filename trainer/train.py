@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,8 +49,8 @@ DEVICES = ("auto", "cpu", "cuda")
 CACHE_DIR = "cache"  # beside runs/: presized images, keyed by snapshot digest and presize; safe to delete
 MODELS_DIR = "models"  # in the run folder while it trains: the checkpoint and the best weights so far
 CHECKPOINT_NAME = "checkpoint.pth"
-CHECKPOINT_STATE = "checkpoint.json"
-BEST_NAME = "best.pth"
+"""Weights, optimizer state, the Checkpoint state and the epoch's row: one file, replaced whole per epoch."""
+BEST_NAME = "best-{epoch}.pth"
 SAVE_CHOICES = ("best", "last")
 
 
@@ -244,11 +245,17 @@ class _Tracker:
         self.state.epochs = row.epoch + 1
         # Only the first process of a multi-process run records and writes; the others train their share.
         if self.run is not None:
-            record_epoch(self.session, self.run, row)
+            # In this order a kill at any point leaves a checkpoint that agrees with the best weights it names,
+            # and epoch rows that are the checkpoint's or fewer (resume_run adds the checkpoint's last row).
             if improved and self.config.save == "best":
-                _save_weights(learn, self.models / BEST_NAME, with_opt=False)
-            _save_weights(learn, self.models / CHECKPOINT_NAME, with_opt=True)
-            _write_json(self.models / CHECKPOINT_STATE, asdict(self.state))
+                _save_atomic(self.models / BEST_NAME.format(epoch=row.epoch), {"model": _model_state(learn)})
+            _save_atomic(self.models / CHECKPOINT_NAME, {
+                "model": _model_state(learn), "opt": _plain(learn.opt.state_dict()), "state": asdict(self.state),
+                "row": asdict(row)})
+            for old in self.models.glob(BEST_NAME.format(epoch="*")):
+                if old.name != BEST_NAME.format(epoch=self.state.best_epoch):
+                    old.unlink()
+            record_epoch(self.session, self.run, row)
             plot_curves(self.rows + [row], Path(self.run.artifact_dir) / CURVES_NAME,
                         f"run {self.run.id}: {self.run.arch}", self.state.best_epoch if self.config.save == "best"
                         else None)
@@ -261,20 +268,44 @@ class _Tracker:
             raise CancelFitException()
 
 
-def _save_weights(learn, path: Path, with_opt: bool) -> None:
-    """fastai's save_model, written beside and renamed: a kill mid-write leaves the previous file whole."""
-    from fastai.learner import save_model
+def _model_state(learn) -> dict:
+    from fastai.torch_core import get_model
+
+    return get_model(learn.model).state_dict()
+
+
+def _plain(value):
+    """fastai's optimizer state with its L lists and numpy numbers made plain, so that the checkpoint loads
+    with torch.load(weights_only=True): tensors, numbers, strings, lists and dicts only."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "L":
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _save_atomic(path: Path, data: dict) -> None:
+    """torch.save written beside and renamed: a kill mid-write leaves the previous file whole."""
+    import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_model(partial, learn.model, getattr(learn, "opt", None), with_opt=with_opt)
+    torch.save(data, partial)
     os.replace(partial, path)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data) + "\n")
-    os.replace(partial, path)
+def read_checkpoint(path: Path) -> dict | None:
+    """A run's checkpoint (weights, optimizer, state, last row), or None when there is none to read."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+        return None
 
 
 def _epoch_callback(tracker: _Tracker, phase: str, size: int):
@@ -359,12 +390,8 @@ def resume_run(session: Session, store: Store, run_ref: str, runs_root: Path, ho
         raise FastclassError(f"run {run.id} finished; there is nothing to resume (train a new run instead)")
     if status == RunStatus.RUNNING.value:
         raise FastclassError(f"run {run.id} is still running (process {run.pid} on {run.host})")
-    models = Path(run.artifact_dir) / MODELS_DIR
-    try:
-        state = Checkpoint(**json.loads((models / CHECKPOINT_STATE).read_text()))
-    except (OSError, ValueError, TypeError):
-        state = None
-    if state is None or not (models / CHECKPOINT_NAME).is_file():
+    checkpoint = read_checkpoint(Path(run.artifact_dir) / MODELS_DIR / CHECKPOINT_NAME)
+    if checkpoint is None:
         raise FastclassError(f"run {run.id} has no checkpoint to resume from (it stopped before its first epoch "
                              "ended, or its folder was cleaned); train a new run instead")
     resolved = json.loads(run.config)
@@ -372,7 +399,7 @@ def resume_run(session: Session, store: Store, run_ref: str, runs_root: Path, ho
     snapshot = session.get(Snapshot, run.snapshot_id)
     if snapshot.name != config.snapshot:
         raise FastclassError(f"run {run.id} was trained on snapshot {snapshot.name!r}, not {config.snapshot!r}")
-    return _train(session, store, config, runs_root, hooks or TrainHooks(), resume=(run, state, resolved))
+    return _train(session, store, config, runs_root, hooks or TrainHooks(), resume=(run, checkpoint, resolved))
 
 
 def config_from_record(resolved: dict, device: str | None = None, workers: int | None = None) -> TrainConfig:
@@ -405,7 +432,8 @@ def _train(session: Session, store: Store, config: TrainConfig, runs_root: Path,
     # On a GPU the loader is the bottleneck, so images are presized once; on the CPU the model is.
     cached = cuda if config.cache is None else config.cache
 
-    from fastai.torch_core import set_seed
+    import torch
+    from fastai.torch_core import get_model, set_seed
 
     set_seed(config.seed, reproducible=True)
     hooks.stage(f"loading {spec.name} weights ({config.weights})" if config.weights != NO_WEIGHTS
@@ -420,10 +448,11 @@ def _train(session: Session, store: Store, config: TrainConfig, runs_root: Path,
         run = start_run(session, data.snapshot_id, spec.name, resolved, device_name, runs_root) if rank == 0 else None
         rows, state = [], Checkpoint()
     else:
-        run, state, resolved = resume
+        run, checkpoint, resolved = resume
         if data.vocab != resolved["labels"]:
             raise FastclassError(f"snapshot {config.snapshot!r} no longer has run {run.id}'s labels")
-        rows = reopen_run(session, run, state.epochs, device_name)
+        state = Checkpoint(**checkpoint["state"])
+        rows = reopen_run(session, run, EpochRow(**checkpoint["row"]), device_name)
     started = time.monotonic()
     result = TrainResult(run.id if run else None, config.snapshot, spec.name,
                          Path(run.artifact_dir if run else runs_root), device_name, body.weights, config.lr or 0.0,
@@ -448,7 +477,10 @@ def _train(session: Session, store: Store, config: TrainConfig, runs_root: Path,
             learn.to_fp16()
         learn.freeze()
         if resume is not None:
-            _load_weights(learn, tracker.models / CHECKPOINT_NAME, with_opt=True, device=device)
+            get_model(learn.model).load_state_dict(checkpoint["model"])
+            from fastcore.foundation import L
+
+            learn.opt.load_state_dict({"state": checkpoint["opt"]["state"], "hypers": L(checkpoint["opt"]["hypers"])})
         elif config.lr is None:
             hooks.stage("lr_find: trying learning rates on a few batches")
             result.lr = float(learn.lr_find(show_plot=False).valley)
@@ -467,7 +499,9 @@ def _train(session: Session, store: Store, config: TrainConfig, runs_root: Path,
         result.exported_epoch, result.stopped_early = exported.epoch, tracker.stopped_early
         if rank == 0:
             if exported is not tracker.rows[-1]:
-                _load_weights(learn, tracker.models / BEST_NAME, with_opt=False, device=device)
+                best = torch.load(tracker.models / BEST_NAME.format(epoch=exported.epoch), map_location=device,
+                                  weights_only=True)
+                get_model(learn.model).load_state_dict(best["model"])
             if config.tta:
                 preds, targets = learn.tta(dl=learn.dls.valid)
                 result.tta_accuracy = float((preds.argmax(dim=1) == targets).float().mean())
@@ -504,14 +538,6 @@ def _exported_row(config: TrainConfig, tracker: _Tracker) -> EpochRow:
     if config.save == "best" and tracker.state.best_epoch is not None:
         return next(r for r in tracker.rows if r.epoch == tracker.state.best_epoch)
     return tracker.rows[-1]
-
-
-def _load_weights(learn, path: Path, with_opt: bool, device) -> None:
-    from fastai.learner import load_model
-
-    if with_opt and learn.opt is None:
-        learn.create_opt()
-    load_model(path, learn.model, learn.opt if with_opt else None, with_opt=with_opt, device=device)
 
 
 def _fit_phases(learn, phases: list[Phase], tracker: _Tracker, dataloaders, distributed: bool, cuda: bool) -> None:
