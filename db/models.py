@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -386,3 +387,78 @@ class RunLoss(Base):
     predicted: Mapped[str] = mapped_column(String(200))
     probability: Mapped[float] = mapped_column(Float)
     loss: Mapped[float] = mapped_column(Float)
+
+
+class EmbeddingModel(Base):
+    """One way of turning images into vectors: a backbone, the weights it was given, the input size.
+    Weights are named by what they are ("pretrained", or the sha256 of a weights file), so the same file
+    under another path is the same model and a changed file is a new one."""
+
+    __tablename__ = "embedding_models"
+    __table_args__ = (UniqueConstraint("arch", "weights", "size"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    arch: Mapped[str] = mapped_column(String(100))
+    weights: Mapped[str] = mapped_column(String(200))
+    weights_loaded: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Embedding(Base):
+    """An image's pooled backbone features under one embedding model (float32 bytes, dim values)."""
+
+    __tablename__ = "embeddings"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("embedding_models.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Audit(Base):
+    """One `fastclass audit`: which embeddings, how it was run, what it found (scores in audit_scores)."""
+
+    __tablename__ = "audits"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("embedding_models.id"), index=True)
+    folds: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    params: Mapped[str] = mapped_column(Text, default="{}")
+    images: Mapped[int] = mapped_column(Integer)
+    label_issues: Mapped[int] = mapped_column(Integer)
+    outliers: Mapped[int] = mapped_column(Integer)
+    near_copies: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AuditScore(Base):
+    """An audit's verdict on one image: its label's quality (out-of-fold self-confidence), the label the
+    classifier suggests, and how far it is from every class (outlier score, low = far)."""
+
+    __tablename__ = "audit_scores"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+    audit_id: Mapped[int] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True)
+    label: Mapped[str] = mapped_column(String(200))
+    suggested: Mapped[str] = mapped_column(String(200))
+    label_quality: Mapped[float] = mapped_column(Float)
+    label_issue: Mapped[bool] = mapped_column(Boolean)
+    outlier_score: Mapped[float] = mapped_column(Float)
+    outlier: Mapped[bool] = mapped_column(Boolean)
+
+
+class AuditPair(Base):
+    """Two images whose embeddings are near-copies (cosine similarity over the audit's threshold) that the
+    perceptual hashes did not group; `dedup --embeddings` groups them."""
+
+    __tablename__ = "audit_pairs"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+    audit_id: Mapped[int] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), primary_key=True)
+    image_a: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    image_b: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    similarity: Mapped[float] = mapped_column(Float)

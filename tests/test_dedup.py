@@ -63,7 +63,7 @@ def test_groups_keepers_flip_and_conflicts(initialized_catalog, tmp_path):
     plain = json.loads(run_cli(["dedup", "--json"], initialized_catalog).stdout)
     got = by_name(initialized_catalog)
     assert plain == {"images": 8, "groups": 2, "members": 7, "duplicates": 4, "conflicts": 1, "decided": 0,
-                     "duplicates_per_label": {"cats": 4}}
+                     "duplicates_per_label": {"cats": 4}, "embedding_pairs": None}
     group = got["original.jpg"][2]
     assert {n for n, (_, _, g) in got.items() if g == group} == {
         "original.jpg", "small.jpg", "recompressed.jpg", "cropped.jpg", "gray.png"}

@@ -75,10 +75,13 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
 @click.option("--dry-run", is_flag=True, help="Report the groups without changing the catalog.")
 @click.option("--conflicts", "show_conflicts", is_flag=True,
               help="List the open label conflicts (claims and near-copies under two labels) and exit.")
+@click.option("--embeddings", is_flag=True,
+              help="Also group the near-copies an audit found in the embeddings (the latest, or --audit ID).")
+@click.option("--audit", "audit_id", type=ROW_ID, metavar="ID", help="With --embeddings: this audit's near-copies.")
 @json_option("result")
 @pass_options
 def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str | None, dry_run: bool,
-          show_conflicts: bool, as_json: bool) -> None:
+          show_conflicts: bool, embeddings: bool, audit_id: int | None, as_json: bool) -> None:
     """Group near-duplicate images; mark all but one keeper per group duplicate; find label conflicts."""
     from fastclass.curate.dedup import find_near_duplicates, list_conflicts
 
@@ -86,7 +89,11 @@ def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str 
         if show_conflicts:
             conflicts = list_conflicts(session)
         else:
-            result = find_near_duplicates(session, threshold, hash_kind, flip, label, dry_run)
+            if audit_id is not None and not embeddings:
+                raise click.UsageError("--audit chooses the audit whose near-copies --embeddings groups; add "
+                                       "--embeddings")
+            result = find_near_duplicates(session, threshold, hash_kind, flip, label, dry_run,
+                                          (audit_id or 0) if embeddings else None)
     if show_conflicts:
         if as_json:
             echo_json(conflicts)
@@ -112,6 +119,8 @@ def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str 
     click.echo(f"{prefix} {result.groups} group(s) of near-duplicates among {result.images} image(s): "
                f"{result.members} member(s), {result.duplicates} marked duplicate, "
                f"{result.conflicts} label conflict(s) (see `fastclass dedup --conflicts`).")
+    if result.embedding_pairs is not None:
+        click.echo(f"  {result.embedding_pairs} near-copy pair(s) from the audit's embeddings joined the groups.")
     if result.decided:
         click.echo(f"  {result.decided} group(s) hold reviewed images, left as the reviewer decided.")
     for lab, count in sorted(result.duplicates_per_label.items()):
@@ -122,18 +131,21 @@ def dedup(opts: Options, threshold: int, hash_kind: str, flip: bool, label: str 
 @click.option("--label", metavar="NAME", help="Only images of this label.")
 @click.option("--status", type=click.Choice(["ok", "pending", "duplicate", "conflict", "rejected", "deleted"]),
               default="ok", show_default=True, help="Which images: by status, or the members of label conflicts.")
-@click.option("--order", type=click.Choice(["label", "random", "newest", "loss"]), default="label",
-              show_default=True, help="Review order (loss: highest training loss first, needs --run).")
+@click.option("--order", type=click.Choice(["label", "random", "newest", "loss", "issues"]), default="label",
+              show_default=True, help="Review order (loss: highest training loss first, needs --run; issues: an "
+              "audit's label issues, then its outliers).")
 @click.option("--run", metavar="RUN", help="A training run whose predictions and losses to show.")
+@click.option("--audit", "audit_id", type=ROW_ID, metavar="ID",
+              help="The audit whose flags to show and order by [default with --order issues: the latest].")
 @click.option("--apply", "apply_file", type=click.Path(path_type=Path), metavar="FILE.csv",
               help="No prompt: apply the decisions in FILE.csv (image,action,label).")
 @click.option("--create-labels", is_flag=True, help="With --apply: relabel rows may name labels that do not exist yet.")
 @click.option("--json", "as_json", is_flag=True, help="With --apply: print the result as JSON.")
 @pass_options
-def clean(opts: Options, label: str | None, status: str, order: str, run: str | None, apply_file: Path | None,
-          create_labels: bool, as_json: bool) -> None:
+def clean(opts: Options, label: str | None, status: str, order: str, run: str | None, audit_id: int | None,
+          apply_file: Path | None, create_labels: bool, as_json: bool) -> None:
     """Review images one key at a time: keep, delete, relabel; every decision is saved at once."""
-    from fastclass.curate.review import apply_csv, review_queue, reviewer_name, run_with_losses
+    from fastclass.curate.review import apply_csv, audit_with_scores, review_queue, reviewer_name, run_with_losses
 
     if apply_file is not None:
         with opts.session() as (catalog, session):
@@ -155,7 +167,9 @@ def clean(opts: Options, label: str | None, status: str, order: str, run: str | 
     from fastclass.stats import list_labels
 
     with opts.session() as (catalog, session):
-        queue = review_queue(session, label, status, order, run)
+        queue = review_queue(session, label, status, order, run, audit_id)
+        if audit_id is not None or order == "issues":
+            audit_id = audit_with_scores(session, audit_id)
         if not queue:
             click.echo(f"No images with status {status}" + (f" in label {label}" if label else "") + " to review.")
             return
@@ -163,7 +177,7 @@ def clean(opts: Options, label: str | None, status: str, order: str, run: str | 
         with terminal_keys() as read_key:
             stats = CleanPrompt(session, catalog.store, queue, labels, reviewer_name(), read_key,
                                 run_id=run_with_losses(session, run) if run else None,
-                                digits=relabel_digits(session)).run()
+                                digits=relabel_digits(session), audit_id=audit_id).run()
     counts = stats.counts
     click.echo(f"Saved: {counts['keep']} kept, {counts['delete']} deleted, {counts['relabel']} relabelled, "
                f"{counts['undo']} undone this session.")

@@ -34,6 +34,7 @@ HELP = """Keys
   d            delete (status deleted; the file stays until `fastclass prune`)
   r            relabel: type a label (Tab completes, Enter confirms, Esc cancels)
   1-9          relabel to the label with that number (shown at the bottom)
+  a            accept the label an audit suggests (shown when it flagged the image)
   s            skip to the next image you have not reviewed
   b or Left    back to the previous image;  Right: next image
   u            undo the last decision of this session
@@ -102,9 +103,11 @@ class SessionStats:
 class CleanPrompt:
     def __init__(self, session: Session, store: Store, queue: list[int], labels: list[str],
                  reviewer: str, read_key, protocol: str | None = None, run_id: int | None = None,
-                 digits: dict[int, str] | None = None) -> None:
+                 digits: dict[int, str] | None = None, audit_id: int | None = None) -> None:
         self.read_key = read_key
         self.run_id = run_id
+        self.audit_id = audit_id
+        self.suggested: str | None = None
         self.session = session
         self.store = store
         self.queue = queue
@@ -169,6 +172,10 @@ class CleanPrompt:
                     position = self.record(position, image_id, "relabel", label)
             elif key.isdigit() and int(key) in self.digits:
                 position = self.record(position, image_id, "relabel", self.digits[int(key)])
+            elif key == "a" and self.suggested:
+                position = self.record(position, image_id, "relabel", self.suggested)
+            elif key == "a":
+                self.message = "no suggested label for this image (a accepts an audit's suggestion)"
             else:
                 self.message = f"unknown key {key!r}; ? for help"
         return self.stats
@@ -242,8 +249,9 @@ class CleanPrompt:
         if position >= len(self.queue):
             click.echo(f"All {len(self.queue)} image(s) of this filter are reviewed. b: back, u: undo, q: quit.")
         else:
-            card = image_card(self.session, self.queue[position], self.run_id)
+            card = image_card(self.session, self.queue[position], self.run_id, self.audit_id)
             self.seen = (card.status, card.label_id)
+            self.suggested = None
             rows = max(4, height - 9)
             path = self.store.path(card.store_path)
             try:
@@ -267,6 +275,15 @@ class CleanPrompt:
                 agrees = "agrees" if verdict.predicted == card.label else "DISAGREES"
                 click.echo(f"run {self.run_id} ({'valid' if verdict.is_valid else 'train'}): predicted {verdict.predicted} "
                            f"p={verdict.probability:.3f}, loss {verdict.loss:.3f} ({agrees} with the label)")
+            if card.audit is not None and card.audit.label_issue:
+                if card.audit.suggested != card.label:
+                    self.suggested = card.audit.suggested
+                click.echo(printable(f"audit {self.audit_id}: LABEL ISSUE: the classifier that never saw this image "
+                                     f"says {card.audit.suggested} (label quality {card.audit.label_quality:.3f})"
+                                     + (f": a accepts {self.suggested}" if self.suggested else "")))
+            elif card.audit is not None and card.audit.outlier:
+                click.echo(f"audit {self.audit_id}: OUTLIER: far from every class (score "
+                           f"{card.audit.outlier_score:.3f}); off-topic? d deletes")
             if card.group_id is not None:
                 click.echo(f"duplicate group {card.group_id}: {card.group_size} image(s), labels "
                            f"{', '.join(card.group_labels)}")

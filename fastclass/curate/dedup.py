@@ -11,7 +11,7 @@ from scipy.sparse.csgraph import connected_components
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from db.models import DuplicateGroup, Image, ImageHash, Label, Source
+from db.models import Audit, AuditPair, DuplicateGroup, Image, ImageHash, Label, Source
 from fastclass.errors import FastclassError
 from fastclass.ingest.hashes import HASH_KINDS
 from fastclass.ingest.hashsearch import DEFAULT_THRESHOLD, find_pairs
@@ -61,11 +61,14 @@ class DedupResult:
     conflicts: int = 0
     decided: int = 0
     """Groups in which a reviewer's decision stands: their reviewed members were left as decided."""
+    embedding_pairs: int | None = None
+    """With --embeddings: the audit's near-copy pairs that joined the grouping."""
     duplicates_per_label: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
         return {"images": self.images, "groups": self.groups, "members": self.members,
                 "duplicates": self.duplicates, "conflicts": self.conflicts, "decided": self.decided,
+                "embedding_pairs": self.embedding_pairs,
                 "duplicates_per_label": dict(self.duplicates_per_label)}
 
 
@@ -75,8 +78,11 @@ def _keeper_order(row) -> tuple:
 
 
 def find_near_duplicates(session: Session, threshold: int = DEFAULT_THRESHOLD, hash_kind: str = "phash",
-                         flip: bool = False, label: str | None = None, dry_run: bool = False) -> DedupResult:
-    """Regroup the eligible images from their stored hashes and mark non-keepers duplicate (unless dry_run)."""
+                         flip: bool = False, label: str | None = None, dry_run: bool = False,
+                         audit: int | None = None) -> DedupResult:
+    """Regroup the eligible images from their stored hashes and mark non-keepers duplicate (unless dry_run).
+    With `audit` (an audit id, or 0 for the latest), the near-copies that audit found in the embeddings
+    join the groups too."""
     if hash_kind not in HASH_KINDS or hash_kind == "phash_flip":
         raise FastclassError(f"unknown hash kind {hash_kind!r}; use one of: phash, dhash")
     if flip and hash_kind != "phash":
@@ -97,9 +103,33 @@ def find_near_duplicates(session: Session, threshold: int = DEFAULT_THRESHOLD, h
             ImageHash.kind == "phash_flip", ImageHash.image_id.in_([r.id for r in rows]))).all())
         flipped = np.array([flips.get(r.id, r.value) for r in rows], dtype=np.int64).view(np.uint64)
     groups = near_duplicate_groups(hashes, threshold, flipped)
+    if audit is not None:
+        groups = _with_audit_pairs(session, audit, [r.id for r in rows], groups, result)
     labels = label_names(session)
     _replace_groups(session, rows, groups, labels, threshold, hash_kind, flip, result, dry_run)
     return result
+
+
+def _with_audit_pairs(session: Session, audit: int, ids: list[int], groups: list[list[int]],
+                      result: DedupResult) -> list[list[int]]:
+    """The hash groups joined by an audit's embedding near-copies (positions into ids, transitively)."""
+    audit_id = audit or session.scalar(select(Audit.id).order_by(Audit.id.desc()).limit(1))
+    if audit_id is None or session.get(Audit, audit_id) is None:
+        raise FastclassError("--embeddings needs an audit: run `fastclass embed` and `fastclass audit` first"
+                             if not audit else f"no audit {audit} in the catalog")
+    position = {image_id: n for n, image_id in enumerate(ids)}
+    pairs = [(position[a], position[b]) for a, b in session.execute(
+        select(AuditPair.image_a, AuditPair.image_b).where(AuditPair.audit_id == audit_id)).all()
+        if a in position and b in position]
+    result.embedding_pairs = len(pairs)
+    a = [p for g in groups for p in g[1:]] + [p for p, _ in pairs]
+    b = [g[0] for g in groups for _ in g[1:]] + [q for _, q in pairs]
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(ids), len(ids)))
+    _, component = connected_components(graph, directed=False)
+    members: dict[int, list[int]] = {}
+    for n, comp in enumerate(component):
+        members.setdefault(int(comp), []).append(n)
+    return [m for m in members.values() if len(m) > 1]
 
 
 def _replace_groups(session: Session, rows, groups: list[list[int]], labels: dict[int, str], threshold: int,

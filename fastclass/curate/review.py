@@ -16,7 +16,7 @@ from typing import Iterable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Image, Label, Review, RunLoss, Source, utcnow
+from db.models import Audit, AuditScore, Image, Label, Review, RunLoss, Source, utcnow
 from fastclass.catalog import find_run
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.labels import existing_label_id, label_exists, label_ids, normalize_label, unknown_label
@@ -25,7 +25,7 @@ from fastclass.text import csv_records, parse_id
 
 ACTIONS = ("keep", "delete", "relabel")
 STATUS_FILTERS = ("ok", "pending", "duplicate", "conflict", "rejected", "deleted")
-ORDERS = ("label", "random", "newest", "loss")
+ORDERS = ("label", "random", "newest", "loss", "issues")
 ENV_REVIEWER = "FASTCLASS_REVIEWER"
 
 
@@ -246,8 +246,10 @@ def list_reviews(session: Session, limit: int | None = None, image_id: int | Non
 
 
 def review_queue(session: Session, label: str | None = None, status: str = "ok", order: str = "label",
-                 run: str | None = None) -> list[int]:
-    """The image ids a clean session walks, in order; the same filter always gives the same order."""
+                 run: str | None = None, audit: int | None = None) -> list[int]:
+    """The image ids a clean session walks, in order; the same filter always gives the same order.
+    order "issues": an audit's label issues first (least likely label first), then its outliers (farthest
+    first), then the rest; the latest audit unless `audit` names one."""
     if status not in STATUS_FILTERS:
         raise FastclassError(f"unknown --status {status!r}; use one of: {', '.join(STATUS_FILTERS)}")
     if order not in ORDERS:
@@ -272,6 +274,21 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
         rows.sort(key=lambda r: (r.name or "", r.id))
     elif order == "newest":
         rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+    elif order == "issues":
+        audit_id = audit_with_scores(session, audit)
+        scores = {r.image_id: r for r in session.execute(
+            select(AuditScore.image_id, AuditScore.label_issue, AuditScore.label_quality, AuditScore.outlier,
+                   AuditScore.outlier_score).where(AuditScore.audit_id == audit_id))}
+
+        def flagged(row) -> tuple:
+            score = scores.get(row.id)
+            if score is not None and score.label_issue:
+                return (0, score.label_quality, row.id)
+            if score is not None and score.outlier:
+                return (1, score.outlier_score, row.id)
+            return (2, 0.0, row.id)
+
+        rows.sort(key=flagged)
     elif order == "loss":
         losses = dict(session.execute(select(RunLoss.image_id, RunLoss.loss).where(RunLoss.run_id == run_id)).all())
         # Highest loss first: the images the model most disagrees with; images it never saw come last.
@@ -280,6 +297,16 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
         rows.sort(key=lambda r: r.id)
         random.Random(f"{label}:{status}").shuffle(rows)
     return [r.id for r in rows]
+
+
+def audit_with_scores(session: Session, audit: int | None = None) -> int:
+    """The id of an audit (the latest when None) that exists."""
+    found = session.scalar(select(Audit.id).where(Audit.id == audit) if audit is not None
+                           else select(Audit.id).order_by(Audit.id.desc()).limit(1))
+    if found is None:
+        raise FastclassError(f"no audit {audit} in the catalog (see `fastclass audit show`)" if audit is not None
+                             else "--order issues needs an audit: run `fastclass embed`, then `fastclass audit`")
+    return found
 
 
 def run_with_losses(session: Session, run: str) -> int:
@@ -325,10 +352,14 @@ class ImageCard:
     conflict: str | None
     claimed_labels: list[str]
     prediction: RunLoss | None = None
+    audit: AuditScore | None = None
+    """With an audit: its verdict on this image (label issue and suggested label, outlier)."""
 
 
-def image_card(session: Session, image_id: int, run_id: int | None = None) -> ImageCard:
-    """What the prompt shows about an image; with run_id, also that run's prediction and loss for it."""
+def image_card(session: Session, image_id: int, run_id: int | None = None,
+               audit_id: int | None = None) -> ImageCard:
+    """What the prompt shows about an image; with run_id, also that run's prediction and loss for it; with
+    audit_id, that audit's scores."""
     image = session.get(Image, image_id, populate_existing=True)
     label = _label_name(session, image.label_id)
     sources = [tuple(row) for row in session.execute(
@@ -344,7 +375,8 @@ def image_card(session: Session, image_id: int, run_id: int | None = None) -> Im
     return ImageCard(image.id, image.sha256, label, image.label_id, image.status, image.reason, image.width, image.height,
                      image.format, image.bytes, image.store_path, sources, image.dup_group_id, size, group_labels,
                      image.conflict, sorted({claim for _, _, claim in sources} | ({label} if label else set())),
-                     session.get(RunLoss, (run_id, image_id)) if run_id is not None else None)
+                     session.get(RunLoss, (run_id, image_id)) if run_id is not None else None,
+                     session.get(AuditScore, (audit_id, image_id)) if audit_id is not None else None)
 
 
 @dataclass
