@@ -176,7 +176,7 @@ def echo_json(data) -> None:
 
 
 # Each stage's commands register themselves on `cli` when their module is imported.
-for _stage in ("catalog", "ingest", "crawl", "curate", "dataset", "train", "audit"):
+for _stage in ("catalog", "ingest", "crawl", "curate", "dataset", "train", "audit", "serve"):
     importlib.import_module(f"fastclass.cli.{_stage}")
 
 

@@ -1,0 +1,1 @@
+"""`fastclass serve`: the review gallery, a web layer over the same services `clean` uses (no logic here)."""

@@ -1,0 +1,287 @@
+"""The review gallery's ASGI app (Starlette, Jinja2 templates, a little plain JavaScript, no CDN).
+
+Every decision goes through fastclass.curate.review (`decide`, `undo`), committed before the answer is
+sent, with the state the page showed (`seen`): a decision on an image someone changed since is refused
+(409) and the tile is given the current state. Bound to anything but loopback, every request needs the
+token printed at start (as `?token=`, then a cookie). Every state-changing request needs the page's CSRF
+header and, when the browser sends one, an Origin equal to the server's own: a cross-site form or fetch
+cannot add that header, so it is refused.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import urlencode
+
+from PIL import Image as PILImage
+from PIL import ImageOps
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from db.models import Image
+from fastclass.catalog import Catalog
+from fastclass.curate.review import (
+    ORDERS,
+    STATUS_FILTERS,
+    audit_with_scores,
+    decide,
+    image_card,
+    list_reviews,
+    review_queue,
+    reviewed_ids,
+    run_with_losses,
+    undo,
+)
+from fastclass.errors import FastclassError, NotFoundError
+from fastclass.labels import label_names, relabel_digits
+from fastclass.stats import list_labels
+
+HERE = Path(__file__).parent
+PAGE_SIZE = 200
+THUMB_SIZES = (128, 256, 512)
+TOKEN_COOKIE = "fastclass_token"
+CSRF_HEADER = "x-fastclass-csrf"
+
+
+class Gallery:
+    """What the handlers share: the catalog, the reviewer, the secrets, the thumbnail cache folder."""
+
+    def __init__(self, catalog: Catalog, reviewer: str, token: str | None) -> None:
+        self.catalog, self.reviewer, self.token = catalog, reviewer, token
+        self.csrf = secrets.token_urlsafe(24)
+        self.thumbs = catalog.work_dir / "thumbs"
+
+    def thumbnail(self, image_id: int, size: int) -> tuple[Path, str]:
+        """The cached JPEG thumbnail of an image (made once per image and size), and its sha256."""
+        with self.catalog.session() as session:
+            image = session.get(Image, image_id)
+            if image is None:
+                raise NotFoundError(f"no image with id {image_id} in the catalog")
+            sha, store_path = image.sha256, image.store_path
+        path = self.thumbs / str(size) / sha[:2] / f"{sha}.jpg"
+        if not path.exists():
+            source = self.catalog.store.path(store_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            with PILImage.open(source) as picture:
+                picture = ImageOps.exif_transpose(picture)
+                picture.thumbnail((size, size))
+                picture.convert("RGB").save(partial, "JPEG", quality=85)
+            os.replace(partial, path)
+        return path, sha
+
+
+class _Guard(BaseHTTPMiddleware):
+    """The token (on a non-loopback bind) and the CSRF rules, before any handler runs."""
+
+    async def dispatch(self, request: Request, call_next):
+        gallery: Gallery = request.app.state.gallery
+        if gallery.token is not None:
+            given = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
+            if not hmac.compare_digest(given, gallery.token):
+                return PlainTextResponse("refused: this gallery needs the token printed when `fastclass serve` "
+                                         "started (open the URL it printed)", status_code=403)
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            origin = request.headers.get("origin")
+            own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+            if origin is not None and origin != own:
+                return PlainTextResponse(f"refused: a request from {origin} (cross-site)", status_code=403)
+            if not hmac.compare_digest(request.headers.get(CSRF_HEADER, ""), gallery.csrf):
+                return PlainTextResponse("refused: no CSRF header (state changes come from the gallery's own "
+                                         "pages)", status_code=403)
+        response = await call_next(request)
+        if gallery.token is not None and request.query_params.get("token"):
+            response.set_cookie(TOKEN_COOKIE, gallery.token, httponly=True, samesite="strict")
+        return response
+
+
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates.env.filters["replace_page"] = lambda params, page: urlencode({**dict(params), "page": page})
+
+
+def _query(request: Request) -> dict:
+    q = request.query_params
+    status = q.get("status", "ok")
+    order = q.get("order", "label")
+    if status not in STATUS_FILTERS:
+        raise FastclassError(f"unknown status {status!r}; use one of: {', '.join(STATUS_FILTERS)}")
+    if order not in ORDERS:
+        raise FastclassError(f"unknown order {order!r}; use one of: {', '.join(ORDERS)}")
+    try:
+        page = max(1, int(q.get("page", "1")))
+        audit = int(q["audit"]) if q.get("audit") else None
+    except ValueError:
+        raise FastclassError("page and audit are numbers") from None
+    return {"label": q.get("label") or None, "status": status, "order": order, "run": q.get("run") or None,
+            "audit": audit, "page": page}
+
+
+def index(request: Request) -> Response:
+    gallery: Gallery = request.app.state.gallery
+    with gallery.catalog.session() as session:
+        labels = list_labels(session)
+    return templates.TemplateResponse(request, "index.html", {"labels": labels, "statuses": STATUS_FILTERS,
+                                                              "catalog": gallery.catalog.display})
+
+
+def grid(request: Request) -> Response:
+    gallery: Gallery = request.app.state.gallery
+    try:
+        q = _query(request)
+        with gallery.catalog.session() as session:
+            queue = review_queue(session, q["label"], q["status"], q["order"], q["run"], q["audit"])
+            run_id = run_with_losses(session, q["run"]) if q["run"] else None
+            audit_id = audit_with_scores(session, q["audit"]) if q["audit"] or q["order"] == "issues" else None
+            pages = max(1, -(-len(queue) // PAGE_SIZE))
+            shown = queue[(q["page"] - 1) * PAGE_SIZE:q["page"] * PAGE_SIZE]
+            reviewed = reviewed_ids(session, queue)
+            cards = [image_card(session, image_id, run_id, audit_id) for image_id in shown]
+            digits = relabel_digits(session)
+            names = sorted(label_names(session).values())
+    except FastclassError as exc:
+        return PlainTextResponse(f"Error: {exc}", status_code=400)
+    tiles = [{"id": c.id, "label": c.label, "label_id": c.label_id, "status": c.status,
+              "reviewed": c.id in reviewed, "conflict": c.conflict,
+              "flag": ("label issue: " + c.audit.suggested if c.audit is not None and c.audit.label_issue else
+                       "outlier" if c.audit is not None and c.audit.outlier else
+                       f"loss {c.prediction.loss:.2f}: {c.prediction.predicted}" if c.prediction is not None else ""),
+              "suggested": c.audit.suggested if c.audit is not None and c.audit.label_issue else None}
+             for c in cards]
+    return templates.TemplateResponse(request, "grid.html", {
+        "q": q, "tiles": tiles, "total": len(queue), "reviewed": len(reviewed), "pages": pages,
+        "digits": digits, "labels": names, "csrf": gallery.csrf, "page_size": PAGE_SIZE})
+
+
+def image_view(request: Request) -> Response:
+    gallery: Gallery = request.app.state.gallery
+    image_id = int(request.path_params["image_id"])
+    try:
+        with gallery.catalog.session() as session:
+            card = image_card(session, image_id)
+            history = list_reviews(session, image_id=image_id)
+            digits = relabel_digits(session)
+    except NotFoundError as exc:
+        return PlainTextResponse(f"Error: {exc}", status_code=404)
+    return templates.TemplateResponse(request, "image.html", {"card": card, "reviews": history, "digits": digits,
+                                                              "csrf": gallery.csrf})
+
+
+def thumbnail(request: Request) -> Response:
+    gallery: Gallery = request.app.state.gallery
+    size = int(request.query_params.get("s", "256")) if request.query_params.get("s", "256").isdigit() else 256
+    size = min(THUMB_SIZES, key=lambda s: abs(s - size))
+    try:
+        path, sha = gallery.thumbnail(int(request.path_params["image_id"]), size)
+    except NotFoundError as exc:
+        return PlainTextResponse(str(exc), status_code=404)
+    except OSError as exc:
+        return PlainTextResponse(f"no thumbnail: {exc.strerror or exc}", status_code=404)
+    # An image id always names the same bytes (the store is content-addressed), so a thumbnail never changes.
+    return FileResponse(path, media_type="image/jpeg", headers={
+        "Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{sha}-{size}"'})
+
+
+def original(request: Request) -> Response:
+    gallery: Gallery = request.app.state.gallery
+    with gallery.catalog.session() as session:
+        image = session.get(Image, int(request.path_params["image_id"]))
+        if image is None:
+            return PlainTextResponse("no such image", status_code=404)
+        path = gallery.catalog.store.path(image.store_path)
+    if not Path(path).exists():
+        return PlainTextResponse("the file is not in the store (pruned?)", status_code=404)
+    return FileResponse(path, headers={"Cache-Control": "private, max-age=31536000, immutable"})
+
+
+def _state(session, image_id: int) -> dict:
+    image = session.get(Image, image_id, populate_existing=True)
+    names = label_names(session)
+    return {"id": image_id, "status": str(image.status), "label_id": image.label_id,
+            "label": names.get(image.label_id), "reviewed": image_id in reviewed_ids(session, [image_id])}
+
+
+async def api_decide(request: Request) -> Response:
+    """{"images": [{"id", "status", "label_id"} as shown], "action", "label"}: all of them in one
+    transaction, or none (409 with the image that changed and its state now)."""
+    gallery: Gallery = request.app.state.gallery
+    try:
+        body = await request.json()
+        shown = [(int(item["id"]), str(item["status"]), item.get("label_id")) for item in body["images"]]
+        action, label = str(body["action"]), body.get("label")
+    except (ValueError, KeyError, TypeError):
+        return JSONResponse({"error": "expected {images: [{id, status, label_id}], action, label}"}, status_code=400)
+    if not shown:
+        return JSONResponse({"error": "no image chosen"}, status_code=400)
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(_decide, gallery, shown, action, label)
+
+
+def _decide(gallery: Gallery, shown: list[tuple], action: str, label: str | None) -> Response:
+    with gallery.catalog.session() as session:
+        current = None
+        try:
+            decisions = []
+            for image_id, status, label_id in shown:
+                current = image_id
+                decisions.append(decide(session, gallery.catalog.store, image_id, action, label, gallery.reviewer,
+                                        commit=False, seen=(status, label_id)))
+            session.commit()
+        except NotFoundError as exc:
+            session.rollback()
+            return JSONResponse({"error": str(exc), "image": current}, status_code=404)
+        except FastclassError as exc:
+            session.rollback()
+            return JSONResponse({"error": str(exc), "image": current, "state": _state(session, current)},
+                                status_code=409)
+        return JSONResponse({"decided": [{"review": d.review_id, **_state(session, d.image_id)} for d in decisions]})
+
+
+async def api_undo(request: Request) -> Response:
+    """{"reviews": [id, ...]}: undone newest first; stops at the first that cannot be undone."""
+    gallery: Gallery = request.app.state.gallery
+    try:
+        reviews = [int(r) for r in (await request.json())["reviews"]]
+    except (ValueError, KeyError, TypeError):
+        return JSONResponse({"error": "expected {reviews: [id, ...]}"}, status_code=400)
+    from starlette.concurrency import run_in_threadpool
+
+    def work() -> Response:
+        undone = []
+        with gallery.catalog.session() as session:
+            for review_id in sorted(reviews, reverse=True):
+                try:
+                    decision = undo(session, gallery.catalog.store, review_id, gallery.reviewer)
+                except FastclassError as exc:
+                    session.rollback()
+                    return JSONResponse({"error": str(exc), "undone": undone}, status_code=409)
+                undone.append(_state(session, decision.image_id))
+        return JSONResponse({"undone": undone})
+
+    return await run_in_threadpool(work)
+
+
+def create_app(catalog: Catalog, reviewer: str, token: str | None = None) -> Starlette:
+    """The gallery on an open catalog; `token` (for a non-loopback bind) is then required on every request."""
+    app = Starlette(routes=[
+        Route("/", index),
+        Route("/grid", grid),
+        Route("/image/{image_id:int}", image_view),
+        Route("/image/{image_id:int}/file", original),
+        Route("/thumb/{image_id:int}", thumbnail),
+        Route("/api/decide", api_decide, methods=["POST"]),
+        Route("/api/undo", api_undo, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
+    ], middleware=[Middleware(_Guard)])
+    app.state.gallery = Gallery(catalog, reviewer, token)
+    return app
+

@@ -1,0 +1,167 @@
+"""`fastclass serve`: the real app under uvicorn on 127.0.0.1, driven by a real headless Chromium (Debian's
+`chromium`, through Playwright) and by plain HTTP for the security rules."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+from fastclass.catalog import init_catalog, open_catalog
+from tests.helpers import add_images, catalog_rows, digit_images, run_cli
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DIGITS = {"zero": 0, "one": 1, "seven": 7}
+
+
+@pytest.fixture
+def catalog(tmp_path) -> str:
+    location = str(tmp_path / "catalog.db")
+    init_catalog(location, str(tmp_path / "images"))
+    opened = open_catalog(location)
+    try:
+        add_images(opened, tmp_path / "in", digit_images(DIGITS, 6))
+    finally:
+        opened.close()
+    assert run_cli(["verify"], location).exit_code == 0
+    return location
+
+
+@contextmanager
+def serving(location: str, *extra: str):
+    proc = subprocess.Popen([sys.executable, "-m", "fastclass", "--catalog", location, "serve", "--port", "0",
+                             "--no-open", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FASTCLASS_REVIEWER": "browser"})
+    try:
+        line = proc.stdout.readline()
+        found = re.search(r"at (http://127\.0\.0\.1:\d+/\S*) \(Ctrl-C stops\)", line)
+        assert found, (line, proc.stderr.read() if proc.poll() is not None else "")
+        proc.url = found.group(1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def http(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def statuses(location: str) -> dict[int, tuple[str, str]]:
+    return {i: (s, l) for i, s, l in catalog_rows(
+        location, "SELECT i.id, i.status, l.name FROM images i JOIN labels l ON l.id = i.label_id")}
+
+
+@pytest.fixture
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("no Chromium here: `apt-get install chromium` (.ci/run installs it)")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def open_grid(browser, url: str, label: str):
+    page = browser.new_context().new_page()
+    page.goto(f"{url}grid?label={label}")
+    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    return page
+
+
+def test_keys_and_a_bulk_selection_change_exactly_the_rows_they_should(catalog, browser):
+    before = statuses(catalog)
+    zero = sorted(i for i, (_, label) in before.items() if label == "zero")
+    with serving(catalog) as server:
+        page = open_grid(browser, server.url, "zero")
+        widths = page.eval_on_selector_all(".tile img", "imgs => imgs.map(i => i.naturalWidth)")
+        assert len(widths) == len(zero) and all(w > 0 for w in widths)
+        page.keyboard.press("d")  # the first image: deleted; the cursor moves on
+        page.wait_for_selector(f'.tile[data-id="{zero[0]}"][data-status="deleted"]')
+        two = json.loads(page.get_attribute("#grid", "data-digits"))["2"]
+        page.keyboard.press("2")  # the second: relabelled to the label with digit 2
+        page.wait_for_selector(f'.tile[data-id="{zero[1]}"] .label:text-is("{two}")', timeout=5000)
+        page.keyboard.press("u")  # undone: zero again
+        page.wait_for_selector(f'.tile[data-id="{zero[1]}"] .label:text-is("zero")', timeout=5000)
+        for _ in range(2):
+            page.keyboard.press("Shift+ArrowRight")  # from the third image: three selected
+        assert page.eval_on_selector_all(".tile.selected", "t => t.map(e => Number(e.dataset.id))") == zero[2:5]
+        page.keyboard.press("d")
+        page.wait_for_selector(f'.tile[data-id="{zero[4]}"][data-status="deleted"]')
+        assert page.inner_text("#counts") == f"4 reviewed / {len(zero) - 4} remaining"
+    after = statuses(catalog)
+    changed = {i for i in after if after[i] != before[i]}
+    assert changed == {zero[0], zero[2], zero[3], zero[4]}
+    assert all(after[i] == ("deleted", "zero") for i in changed)
+    reviews = json.loads(run_cli(["reviews", "--json"], catalog).stdout)
+    assert [(r["image"], r["action"], r["reviewer"]) for r in reversed(reviews)] == [
+        (zero[0], "delete", "browser"), (zero[1], "relabel", "browser"), (zero[1], "undo", "browser"),
+        (zero[2], "delete", "browser"), (zero[3], "delete", "browser"), (zero[4], "delete", "browser")]
+    zero_stats = json.loads(run_cli(["stats", "--json"], catalog).stdout)["labels"]["zero"]
+    assert (zero_stats["ok"], zero_stats["deleted"]) == (len(zero) - 4, 4)
+
+
+def test_two_reviewers_on_one_image_one_wins_the_other_is_told(catalog, browser):
+    zero = sorted(i for i, (_, label) in statuses(catalog).items() if label == "zero")
+    with serving(catalog) as server:
+        first, second = open_grid(browser, server.url, "zero"), open_grid(browser, server.url, "zero")
+        first.keyboard.press("d")
+        first.wait_for_selector(f'.tile[data-id="{zero[0]}"][data-status="deleted"]')
+        second.keyboard.press("k")  # shown as ok, deleted since: refused, and the tile shows the truth
+        second.wait_for_selector(f'.tile[data-id="{zero[0]}"][data-status="deleted"]')
+        assert "changed" in second.inner_text("#message")
+    assert [(r["image"], r["action"]) for r in json.loads(run_cli(["reviews", "--json"], catalog).stdout)] == [
+        (zero[0], "delete")]
+
+
+def test_a_decision_survives_the_server_killed_right_after_it(catalog, browser):
+    zero = sorted(i for i, (_, label) in statuses(catalog).items() if label == "zero")
+    with serving(catalog) as server:
+        page = open_grid(browser, server.url, "zero")
+        page.keyboard.press("d")
+        page.wait_for_selector(f'.tile[data-id="{zero[0]}"][data-status="deleted"]')
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+    assert statuses(catalog)[zero[0]] == ("deleted", "zero")
+
+
+def test_a_token_is_needed_when_asked_and_cross_site_posts_are_refused(catalog):
+    image, label_id = catalog_rows(catalog, "SELECT id, label_id FROM images ORDER BY id LIMIT 1")[0]
+    with serving(catalog, "--token") as server:
+        base, token = server.url.split("?token=")
+        assert http(base)[0] == 403
+        assert http(f"{base}grid?token=wrong")[0] == 403
+        status, page = http(f"{base}grid?label=zero&token={token}")
+        assert status == 200 and 'name="csrf"' in page
+        csrf = re.search(r'name="csrf" content="([^"]+)"', page).group(1)
+        body = json.dumps({"images": [{"id": image, "status": "ok", "label_id": label_id}], "action": "delete"}).encode()
+        headers = {"content-type": "application/json", "x-fastclass-csrf": csrf}
+        # A form on another site can send neither the header nor a matching Origin.
+        assert http(f"{base}api/decide?token={token}", body, {"content-type": "application/json"})[0] == 403
+        assert http(f"{base}api/decide?token={token}", body, {**headers, "origin": "http://evil.example"})[0] == 403
+        assert http(f"{base}api/decide", body, headers)[0] == 403, "the token too"
+        assert statuses(catalog)[image][0] == "ok"
+        status, answer = http(f"{base}api/decide?token={token}", body, {**headers, "origin": base.rstrip("/")})
+        assert status == 200 and json.loads(answer)["decided"][0]["status"] == "deleted"
+    with serving(catalog) as server:
+        assert http(server.url)[0] == 200, "on loopback, no token unless --token"
