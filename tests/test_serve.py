@@ -165,3 +165,27 @@ def test_a_token_is_needed_when_asked_and_cross_site_posts_are_refused(catalog):
         assert status == 200 and json.loads(answer)["decided"][0]["status"] == "deleted"
     with serving(catalog) as server:
         assert http(server.url)[0] == 200, "on loopback, no token unless --token"
+
+
+def test_group_and_snapshot_views_show_their_sections(catalog, tmp_path):
+    from tests.helpers import photo_like, write
+
+    write(tmp_path / "more" / "zero" / "big.png", photo_like(3, (96, 96)))
+    write(tmp_path / "more" / "zero" / "small.png", photo_like(3, (64, 64)))
+    for args in (["import", str(tmp_path / "more")], ["verify"], ["dedup"], ["split"], ["snapshot", "create", "v1"]):
+        assert run_cli(args, catalog).exit_code == 0, args
+    group, keeper = catalog_rows(catalog, "SELECT id, keeper_id FROM duplicate_groups")[0]
+    members = [i for (i,) in catalog_rows(catalog, f"SELECT id FROM images WHERE dup_group_id = {group}")]
+    with serving(catalog) as server:
+        status, page = http(f"{server.url}groups")
+        assert status == 200 and f"group {group}: keeper {keeper} first" in page
+        assert re.findall(r'data-id="(\d+)"', page) == [str(keeper)] + [str(i) for i in members if i != keeper]
+        status, page = http(f"{server.url}snapshot/v1")
+        sections = re.findall(r'<h2 class="section">([^<]+)</h2>', page)
+        assert status == 200 and [s.split(" (")[0] for s in sections] == [
+            f"{label}: {side}" for label in sorted(DIGITS) for side in ("train", "valid")]
+        held = catalog_rows(catalog, "SELECT count(*) FROM snapshot_items")[0][0]
+        assert len(re.findall(r'class="tile', page)) == held
+        status, page = http(f"{server.url}")
+        assert status == 200 and 'href="/snapshot/v1"' in page and 'href="/groups"' in page
+        assert http(f"{server.url}snapshot/nope")[0] == 404

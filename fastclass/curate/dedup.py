@@ -210,3 +210,21 @@ def list_conflicts(session: Session) -> list[dict]:
             {"image": m.id, "sha256": m.sha256, "label": m.name, "size": f"{m.width}x{m.height}",
              "status": m.status, "open": m.conflict is not None} for m in members]})
     return out
+
+
+def duplicate_groups(session: Session, label: str | None = None, conflicts_only: bool = False) -> list[dict]:
+    """Every duplicate group, largest first: its keeper first, then the other members by id."""
+    query = select(DuplicateGroup).order_by(DuplicateGroup.size.desc(), DuplicateGroup.id)
+    if conflicts_only:
+        query = query.where(DuplicateGroup.is_conflict.is_(True))
+    groups = session.scalars(query).all()
+    members: dict[int, list[int]] = {}
+    member_query = select(Image.dup_group_id, Image.id).where(Image.dup_group_id.is_not(None)).order_by(Image.id)
+    if label is not None:
+        member_query = member_query.where(Image.dup_group_id.in_(
+            select(Image.dup_group_id).where(Image.label_id == existing_label_id(session, label))))
+    for group_id, image_id in session.execute(member_query):
+        members.setdefault(group_id, []).append(image_id)
+    return [{"group": g.id, "keeper": g.keeper_id, "conflict": g.is_conflict, "hash": g.hash_kind,
+             "images": [g.keeper_id] + [i for i in members[g.id] if i != g.keeper_id]}
+            for g in groups if g.id in members]

@@ -309,6 +309,12 @@ def audit_with_scores(session: Session, audit: int | None = None) -> int:
     return found
 
 
+def review_signals(session: Session) -> dict[str, list[int]]:
+    """What can order a review: the runs with per-image losses and the audits, newest first."""
+    return {"runs": list(session.scalars(select(RunLoss.run_id).distinct().order_by(RunLoss.run_id.desc()))),
+            "audits": list(session.scalars(select(Audit.id).order_by(Audit.id.desc())))}
+
+
 def run_with_losses(session: Session, run: str) -> int:
     """The id of a training run that `interpret` has given per-image losses."""
     found = find_run(session, run)

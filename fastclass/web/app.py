@@ -28,6 +28,7 @@ from starlette.templating import Jinja2Templates
 
 from db.models import Image
 from fastclass.catalog import Catalog
+from fastclass.curate.dedup import duplicate_groups
 from fastclass.curate.review import (
     ORDERS,
     STATUS_FILTERS,
@@ -36,10 +37,12 @@ from fastclass.curate.review import (
     image_card,
     list_reviews,
     review_queue,
+    review_signals,
     reviewed_ids,
     run_with_losses,
     undo,
 )
+from fastclass.dataset.snapshot import list_snapshots, snapshot_items
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.labels import label_names, relabel_digits
 from fastclass.stats import list_labels
@@ -128,11 +131,44 @@ def index(request: Request) -> Response:
     gallery: Gallery = request.app.state.gallery
     with gallery.catalog.session() as session:
         labels = list_labels(session)
-    return templates.TemplateResponse(request, "index.html", {"labels": labels, "statuses": STATUS_FILTERS,
-                                                              "catalog": gallery.catalog.display})
+        snapshots = [info.name for info in list_snapshots(session)]
+        signals = review_signals(session)
+    return templates.TemplateResponse(request, "index.html", {
+        "labels": labels, "statuses": STATUS_FILTERS, "catalog": gallery.catalog.display, "snapshots": snapshots,
+        **signals})
+
+
+def _tiles(session, image_ids: list[int], run_id: int | None, audit_id: int | None,
+           reviewed: set[int]) -> list[dict]:
+    tiles = []
+    for image_id in image_ids:
+        c = image_card(session, image_id, run_id, audit_id)
+        flag = ""
+        if c.audit is not None and c.audit.label_issue:
+            flag = f"label issue: {c.audit.suggested}?"
+        elif c.audit is not None and c.audit.outlier:
+            flag = "outlier"
+        elif c.prediction is not None:
+            flag = f"predicted {c.prediction.predicted} p={c.prediction.probability:.2f}, loss {c.prediction.loss:.2f}"
+        tiles.append({"id": c.id, "label": c.label, "label_id": c.label_id, "status": c.status,
+                      "reviewed": c.id in reviewed, "conflict": c.conflict, "flag": flag,
+                      "suggested": c.audit.suggested if c.audit is not None and c.audit.label_issue else None})
+    return tiles
+
+
+def _page(request: Request, title: str, q: dict, sections: list[dict], total: int, reviewed: int,
+          pages: int) -> Response:
+    gallery: Gallery = request.app.state.gallery
+    with gallery.catalog.session() as session:
+        digits = relabel_digits(session)
+        names = sorted(label_names(session).values())
+    return templates.TemplateResponse(request, "grid.html", {
+        "title": title, "q": q, "sections": sections, "total": total, "reviewed": reviewed, "pages": pages,
+        "digits": digits, "labels": names, "csrf": gallery.csrf})
 
 
 def grid(request: Request) -> Response:
+    """A label's (or every) image of one status, in one of the prompt's review orders, a page at a time."""
     gallery: Gallery = request.app.state.gallery
     try:
         q = _query(request)
@@ -140,24 +176,57 @@ def grid(request: Request) -> Response:
             queue = review_queue(session, q["label"], q["status"], q["order"], q["run"], q["audit"])
             run_id = run_with_losses(session, q["run"]) if q["run"] else None
             audit_id = audit_with_scores(session, q["audit"]) if q["audit"] or q["order"] == "issues" else None
-            pages = max(1, -(-len(queue) // PAGE_SIZE))
             shown = queue[(q["page"] - 1) * PAGE_SIZE:q["page"] * PAGE_SIZE]
             reviewed = reviewed_ids(session, queue)
-            cards = [image_card(session, image_id, run_id, audit_id) for image_id in shown]
-            digits = relabel_digits(session)
-            names = sorted(label_names(session).values())
+            tiles = _tiles(session, shown, run_id, audit_id, reviewed)
     except FastclassError as exc:
         return PlainTextResponse(f"Error: {exc}", status_code=400)
-    tiles = [{"id": c.id, "label": c.label, "label_id": c.label_id, "status": c.status,
-              "reviewed": c.id in reviewed, "conflict": c.conflict,
-              "flag": ("label issue: " + c.audit.suggested if c.audit is not None and c.audit.label_issue else
-                       "outlier" if c.audit is not None and c.audit.outlier else
-                       f"loss {c.prediction.loss:.2f}: {c.prediction.predicted}" if c.prediction is not None else ""),
-              "suggested": c.audit.suggested if c.audit is not None and c.audit.label_issue else None}
-             for c in cards]
-    return templates.TemplateResponse(request, "grid.html", {
-        "q": q, "tiles": tiles, "total": len(queue), "reviewed": len(reviewed), "pages": pages,
-        "digits": digits, "labels": names, "csrf": gallery.csrf, "page_size": PAGE_SIZE})
+    title = f"{q['label'] or 'all labels'} · {q['status']} · order {q['order']}" + (
+        f" · run {q['run']}" if q["run"] else "")
+    return _page(request, title, q, [{"title": None, "tiles": tiles}], len(queue), len(reviewed),
+                 max(1, -(-len(queue) // PAGE_SIZE)))
+
+
+def groups(request: Request) -> Response:
+    """Duplicate groups side by side, keeper first (`?conflicts=1`: only groups that span labels)."""
+    gallery: Gallery = request.app.state.gallery
+    try:
+        q = _query(request)
+        with gallery.catalog.session() as session:
+            found = duplicate_groups(session, q["label"], request.query_params.get("conflicts") == "1")
+            shown = found[(q["page"] - 1) * 50:q["page"] * 50]
+            reviewed = reviewed_ids(session, [i for g in found for i in g["images"]])
+            sections = [{"title": f"group {g['group']}" + (" (label conflict)" if g["conflict"] else "")
+                         + f": keeper {g['keeper']} first, {g['hash']}",
+                         "tiles": _tiles(session, g["images"], None, None, reviewed)} for g in shown]
+    except FastclassError as exc:
+        return PlainTextResponse(f"Error: {exc}", status_code=400)
+    total = sum(len(g["images"]) for g in found)
+    return _page(request, f"{len(found)} duplicate group(s)", q, sections, total, len(reviewed),
+                 max(1, -(-len(found) // 50)))
+
+
+def snapshot_view(request: Request) -> Response:
+    """A snapshot's images by label, train and valid side by side."""
+    gallery: Gallery = request.app.state.gallery
+    name = request.path_params["name"]
+    try:
+        q = _query(request)
+        with gallery.catalog.session() as session:
+            items = snapshot_items(session, name)
+            labels = sorted({item.label for item in items})
+            if q["label"]:
+                labels = [label for label in labels if label == q["label"]]
+            reviewed = reviewed_ids(session, [item.image_id for item in items])
+            sections = []
+            for label in labels:
+                for side, is_valid in (("train", False), ("valid", True)):
+                    ids = [item.image_id for item in items if item.label == label and item.is_valid == is_valid]
+                    sections.append({"title": f"{label}: {side} ({len(ids)})",
+                                     "tiles": _tiles(session, ids[:PAGE_SIZE], None, None, reviewed)})
+    except FastclassError as exc:
+        return PlainTextResponse(f"Error: {exc}", status_code=404)
+    return _page(request, f"snapshot {name}", q, sections, len(items), len(reviewed), 1)
 
 
 def image_view(request: Request) -> Response:
@@ -274,6 +343,8 @@ def create_app(catalog: Catalog, reviewer: str, token: str | None = None) -> Sta
     app = Starlette(routes=[
         Route("/", index),
         Route("/grid", grid),
+        Route("/groups", groups),
+        Route("/snapshot/{name}", snapshot_view),
         Route("/image/{image_id:int}", image_view),
         Route("/image/{image_id:int}/file", original),
         Route("/thumb/{image_id:int}", thumbnail),
