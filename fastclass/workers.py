@@ -73,8 +73,19 @@ def _data_bytes() -> int:
     return 0
 
 
+_MEMORY_BUDGET: list[int] = []
+
+
+def memory_budget() -> int | None:
+    """Bytes one task may allocate in this isolated worker (None outside one). A decoder checks what an
+    image will need against it before decoding: the RLIMIT_DATA budget below is only a backstop, since a
+    worker forked from a big parent inherits its free heap, which allocations reuse unseen."""
+    return _MEMORY_BUDGET[0] if _MEMORY_BUDGET else None
+
+
 def _isolated_init(memory_mb: int) -> None:
     _worker_init()
+    _MEMORY_BUDGET[:] = [memory_mb * 1024 * 1024]
     # C libraries (libtiff, libjpeg) write their complaints straight to fd 2: keep them off the terminal.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)

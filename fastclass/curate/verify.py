@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from db.models import Image as ImageRow
 from fastclass.errors import FastclassError
 from fastclass.ingest import MAX_PIXELS
-from fastclass.ingest.analyze import decode_reason, reason_kind
+from fastclass.ingest.analyze import MEMORY_REASON, decode_reason, fits_memory_budget, reason_kind
 from fastclass.labels import existing_label_id
 from fastclass.lifecycle import Actor, Status, move, move_each, snapshots_holding, take_write_lock
 from fastclass.store import Store
@@ -121,6 +121,8 @@ def _check_open(fh, rules: VerifyRules, facts: list) -> tuple[str, str | None, i
         # A reduced-size decode still decodes every entropy-coded block, so truncation and corrupt
         # data are caught, at a fraction of the cost of a full-size IDCT.
         img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+    if not fits_memory_budget(img):
+        return "rejected", MEMORY_REASON, width, height, mode
     img.load()
     try:
         orientation = img.getexif().get(EXIF_ORIENTATION)

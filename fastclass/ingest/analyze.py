@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image, ImageFile
 
 from fastclass.ingest import MAX_BYTES, MAX_PIXELS
+from fastclass.workers import memory_budget
 from fastclass.ingest.hashes import compute_hashes
 from fastclass.store import Store, StoredFile
 
@@ -87,16 +88,39 @@ def analyze_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFac
                 warnings.simplefilter("ignore")
                 # One reduced-size decode (JPEG DCT scaling) serves the pixel check and every hash kind.
                 img.draft("L", HASH_DRAFT_SIZE)
+                if not fits_memory_budget(img):
+                    raise MemoryError()
                 hashes = compute_hashes(img.convert("L"))
         except Exception as exc:
             decode_error = decode_reason(exc)
     return ImageFacts(sha, fmt, width, height, mode, len(data), hashes, decode_error)
 
 
+MEMORY_REASON = "decoding needs more memory than the per-file limit"
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """What decoding the image (at its draft size, for a JPEG) takes in memory: its pixels, all frames of
+    one size counted once, as Pillow holds one frame at a time."""
+    width, height = img.size
+    try:
+        per_pixel = Image.getmodebands(img.mode) * (4 if img.mode in ("I", "F") or img.mode.startswith("I;32")
+                                                    else 2 if img.mode.startswith("I;16") else 1)
+    except (KeyError, ValueError):
+        per_pixel = 4
+    return width * height * per_pixel
+
+
+def fits_memory_budget(img: Image.Image) -> bool:
+    """Whether decoding fits the isolated worker's per-file memory budget (always, outside a worker)."""
+    budget = memory_budget()
+    return budget is None or decoded_bytes(img) <= budget
+
+
 def decode_reason(exc: BaseException) -> str:
     """The reason recorded for bytes whose header reads but whose pixels do not decode (ingest and verify)."""
     if isinstance(exc, MemoryError):
-        return "decoding needs more memory than the per-file limit"
+        return MEMORY_REASON
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if "truncated" in text.lower() or "premature end" in text.lower():
         return "truncated image data"
