@@ -104,7 +104,7 @@ def test_audit_finds_the_planted_flips_and_the_off_topic_photos(digits):
     # A photo filed as a digit is mislabeled too: flagging it is right.
     precision = len(set(found) & (set(digits.flipped) | digits.off_topic)) / len(found)
     recall = len(caught) / len(digits.flipped)
-    # Measured here: 400 digits with 40 flips at 64 px gave 0.80 and 0.85 (bench/audit.py: the larger study).
+    # 400 digits with 40 flips at 64 px, one fixed flip (bench/audit.py measures 600 digits over seeds).
     assert precision >= 0.75 and recall >= 0.8, (precision, recall)
     right = sum(found[i]["suggested"] == digits.flipped[i] for i in caught)
     assert right / len(caught) >= 0.9, "the suggested label is the true one"

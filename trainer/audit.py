@@ -3,7 +3,7 @@
 - Label issues: out-of-fold predicted probabilities from k-fold cross-validation of a logistic regression
   on the L2-normalised embeddings, then confident learning (cleanlab's `find_label_issues`, ranked by
   self-confidence: the probability the classifier gives the image's own label, which no model trained on
-  that image has seen). Measured on sklearn's digits with 10% of labels flipped (bench/audit.py), C=100 and
+  that image has seen). Measured on sklearn's digits with 10% of labels flipped (bench/audit.py), C=200 and
   `low_self_confidence` gave the best precision and recall together of the choices tried.
 - Outliers: cleanlab's k-NN outlier score, exp(-mean neighbour distance / its median), over each image's
   k nearest neighbours by cosine similarity (faiss; low = far from everything); an image is flagged when
@@ -30,7 +30,7 @@ from db.models import Audit, AuditPair, AuditScore, EmbeddingModel, Image, Image
 from fastclass.errors import FastclassError
 from trainer.embed import default_model, load_embeddings
 
-LOGISTIC_C = 100.0
+LOGISTIC_C = 200.0
 NEIGHBOURS = 10
 EXACT_NEIGHBOURS_UP_TO = 20_000
 """Above this many images the neighbour search is approximate: an HNSW graph (faiss) over a 128-dimension
