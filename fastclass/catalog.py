@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from db import CatalogError, SchemaState, check_schema, open_engine, session_scope, upgrade_to_head
 from db.engine import display_url
-from db.models import Image, Setting, TrainingRun
+from db.models import Audit, Image, Setting, TrainingRun
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.store import ImageStore, Store, StoreError, open_store
 from fastclass.text import parse_id
@@ -58,6 +58,17 @@ def find_run(session: Session, run_id: int | str) -> TrainingRun:
     if run is None:
         raise NotFoundError(f"no training run {text!r} in the catalog (see `fastclass runs`)")
     return run
+
+
+def find_audit(session: Session, audit_id: int | None, needed_by: str) -> Audit:
+    """An audit by id, or the latest when None (the one audit lookup: audit show, clean --order issues,
+    dedup --embeddings, the gallery); `needed_by` names what asked, for the error when there is none."""
+    audit = session.get(Audit, audit_id) if audit_id is not None else session.scalar(
+        select(Audit).order_by(Audit.id.desc()).limit(1))
+    if audit is None:
+        raise NotFoundError(f"no audit {audit_id} in the catalog" if audit_id is not None
+                            else f"{needed_by} needs an audit: run `fastclass embed`, then `fastclass audit`")
+    return audit
 
 
 @dataclass

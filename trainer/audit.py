@@ -27,6 +27,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from db.models import Audit, AuditPair, AuditScore, EmbeddingModel, Image, ImageStatus, Label
+from fastclass.catalog import find_audit
 from fastclass.errors import FastclassError
 from trainer.embed import default_model, load_embeddings
 
@@ -209,11 +210,7 @@ def _fill_lists(result: AuditResult, score_rows: list[dict], pair_rows: list[dic
 
 def show_audit(session: Session, audit_id: int | None = None) -> AuditResult:
     """A stored audit (the latest by default) as `audit` printed it."""
-    audit = session.get(Audit, audit_id) if audit_id is not None else session.scalar(
-        select(Audit).order_by(Audit.id.desc()).limit(1))
-    if audit is None:
-        raise FastclassError(f"no audit {audit_id} in the catalog" if audit_id is not None
-                             else "no audit yet: run `fastclass audit`")
+    audit = find_audit(session, audit_id, "audit show")
     scores = [dict(r._mapping) for r in session.execute(
         select(AuditScore.image_id, AuditScore.label, AuditScore.suggested, AuditScore.label_quality,
                AuditScore.label_issue, AuditScore.outlier_score, AuditScore.outlier)

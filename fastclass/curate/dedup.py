@@ -11,7 +11,8 @@ from scipy.sparse.csgraph import connected_components
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Audit, AuditPair, DuplicateGroup, Image, ImageHash, Label, Source
+from db.models import AuditPair, DuplicateGroup, Image, ImageHash, Label, Source
+from fastclass.catalog import find_audit
 from fastclass.errors import FastclassError
 from fastclass.ingest.hashes import HASH_KINDS
 from fastclass.ingest.hashsearch import DEFAULT_THRESHOLD, find_pairs
@@ -113,10 +114,7 @@ def find_near_duplicates(session: Session, threshold: int = DEFAULT_THRESHOLD, h
 def _with_audit_pairs(session: Session, audit: int, ids: list[int], groups: list[list[int]],
                       result: DedupResult) -> list[list[int]]:
     """The hash groups joined by an audit's embedding near-copies (positions into ids, transitively)."""
-    audit_id = audit or session.scalar(select(Audit.id).order_by(Audit.id.desc()).limit(1))
-    if audit_id is None or session.get(Audit, audit_id) is None:
-        raise FastclassError("--embeddings needs an audit: run `fastclass embed` and `fastclass audit` first"
-                             if not audit else f"no audit {audit} in the catalog")
+    audit_id = find_audit(session, audit or None, "--embeddings").id
     position = {image_id: n for n, image_id in enumerate(ids)}
     pairs = [(position[a], position[b]) for a, b in session.execute(
         select(AuditPair.image_a, AuditPair.image_b).where(AuditPair.audit_id == audit_id)).all()

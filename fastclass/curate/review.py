@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Audit, AuditScore, Image, Label, Review, RunLoss, Source, utcnow
-from fastclass.catalog import find_run
+from fastclass.catalog import find_audit, find_run
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.labels import existing_label_id, label_exists, label_ids, normalize_label, unknown_label
 from fastclass.lifecycle import LIVE, Status
@@ -301,12 +301,7 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
 
 def audit_with_scores(session: Session, audit: int | None = None) -> int:
     """The id of an audit (the latest when None) that exists."""
-    found = session.scalar(select(Audit.id).where(Audit.id == audit) if audit is not None
-                           else select(Audit.id).order_by(Audit.id.desc()).limit(1))
-    if found is None:
-        raise FastclassError(f"no audit {audit} in the catalog (see `fastclass audit show`)" if audit is not None
-                             else "--order issues needs an audit: run `fastclass embed`, then `fastclass audit`")
-    return found
+    return find_audit(session, audit, "--order issues").id
 
 
 def review_signals(session: Session) -> dict[str, list[int]]:

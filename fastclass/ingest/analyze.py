@@ -12,9 +12,9 @@ from pathlib import Path
 from PIL import Image, ImageFile
 
 from fastclass.ingest import MAX_BYTES, MAX_PIXELS
-from fastclass.workers import memory_budget
 from fastclass.ingest.hashes import compute_hashes
 from fastclass.store import Store, StoredFile
+from fastclass.workers import memory_budget
 
 DEFAULT_MAX_BYTES = MAX_BYTES
 DEFAULT_MAX_PIXELS = MAX_PIXELS  # verify enforces the configured limit
