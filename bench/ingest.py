@@ -27,7 +27,6 @@ from fastclass.catalog import init_catalog, open_catalog  # noqa: E402
 from fastclass.ingest.record import ids_by_sha256, insert_rows  # noqa: E402
 from fastclass.sample import write_web_jpegs  # noqa: E402
 
-
 # The baseline in a fresh process holding only Pillow: the loop, and the peak memory of just that.
 BASELINE_CHILD = """
 import sys, time

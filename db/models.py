@@ -373,20 +373,44 @@ class RunEpoch(Base):
     finished_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
-class RunLoss(Base):
+class _Verdict:
+    """A model's prediction and loss for one image of a run's snapshot."""
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True)
+    label: Mapped[str] = mapped_column(String(200))
+    predicted: Mapped[str] = mapped_column(String(200))
+    probability: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float] = mapped_column(Float)
+
+
+class RunLoss(_Verdict, Base):
     """A trained run's verdict on one image of its snapshot (written by `interpret`): the most likely
     mislabeled images are those with the highest loss, which `clean --order loss` shows first."""
 
     __tablename__ = "run_losses"
     __table_args__ = (Index("ix_run_losses_run_id_loss", "run_id", "loss"), {"sqlite_with_rowid": False})
 
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True)
     is_valid: Mapped[bool] = mapped_column(Boolean)
-    label: Mapped[str] = mapped_column(String(200))
-    predicted: Mapped[str] = mapped_column(String(200))
-    probability: Mapped[float] = mapped_column(Float)
-    loss: Mapped[float] = mapped_column(Float)
+
+    @property
+    def split(self) -> str:
+        """Where the image was for the model that judged it."""
+        return "valid" if self.is_valid else "train"
+
+
+class FoldLoss(_Verdict, Base):
+    """An out-of-fold verdict on one image of a run's snapshot (written by `train --folds K`): the prediction
+    and loss of a model trained the run's way on every fold but this image's."""
+
+    __tablename__ = "fold_losses"
+    __table_args__ = (Index("ix_fold_losses_run_id_loss", "run_id", "loss"), {"sqlite_with_rowid": False})
+
+    fold: Mapped[int] = mapped_column(Integer)
+
+    @property
+    def split(self) -> str:
+        return f"out of fold {self.fold + 1}"
 
 
 class EmbeddingModel(Base):

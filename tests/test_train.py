@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -185,6 +186,52 @@ def test_clean_order_loss_walks_the_highest_losses_first(trained):
         child.expect(pexpect.EOF)
         assert message in child.before
 
+
+
+def test_folds_give_every_image_a_loss_from_a_model_that_never_saw_it(trained):
+    result = run_cli(["train", "--snapshot", "digits", *TINY, "--folds", "3", "--json"], trained.location)
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout)
+    snapshot = catalog_rows(trained.location, "SELECT i.image_id, i.label FROM snapshot_items i JOIN snapshots s ON "
+                                              "s.id = i.snapshot_id WHERE s.name = 'digits' ORDER BY i.image_id")
+    rows = catalog_rows(trained.location, "SELECT image_id, label, fold, predicted, probability, loss FROM fold_losses "
+                                          f"WHERE run_id = {run['run_id']} ORDER BY image_id")
+    assert run["fold_losses"] == len(rows) == len(snapshot) == 60
+    assert [(r[0], r[1]) for r in rows] == snapshot
+    # Stratified: each fold holds a third of every label.
+    per_fold = {(fold, label): 0 for fold in range(3) for label in DIGITS}
+    for _, label, fold, *_ in rows:
+        per_fold[fold, label] += 1
+    assert set(per_fold.values()) <= {6, 7} and sum(per_fold.values()) == 60, per_fold
+    for _, label, _, predicted, probability, loss in rows:
+        assert 0 < probability <= 1 and loss >= 0
+        if predicted == label:
+            assert abs(loss + math.log(probability)) < 1e-4
+    in_sample = dict(catalog_rows(trained.location, "SELECT image_id, loss FROM run_losses WHERE run_id = 1"))
+    assert any(abs(in_sample[r[0]] - r[5]) > 1e-3 for r in rows), "fold losses are not the run's own losses"
+
+    from fastclass.curate.review import review_queue
+
+    catalog = open_catalog(trained.location)
+    with catalog.session() as session:
+        queue = review_queue(session, order="loss", run=str(run["run_id"]))
+    catalog.close()
+    assert queue == [r[0] for r in sorted(rows, key=lambda r: (-r[5], r[0]))]
+    top = next(r for r in rows if r[0] == queue[0])
+    child = pexpect.spawn(sys.executable, ["-m", "fastclass", "--catalog", trained.location, "clean", "--order",
+                                           "loss", "--run", str(run["run_id"])], encoding="utf-8", timeout=60,
+                          dimensions=(30, 120), env=ENV)
+    child.expect(rf"run {run['run_id']} \(out of fold {top[2] + 1}\): predicted {top[3]} p=\d\.\d+, "
+                 rf"loss {top[5]:.3f}")
+    child.send("q")
+    child.expect(pexpect.EOF)
+
+    for extra, message in ((["--folds", "1"], "--folds must be at least 2"),
+                           (["--folds", "21"], "--folds 21: label 'one' has 20 image(s) in the snapshot, fewer than "
+                                               "the folds")):
+        refused = run_cli(["train", "--snapshot", "digits", *TINY, *extra], trained.location)
+        assert refused.exit_code == 1 and message in refused.stderr, refused.output
+        assert "Run " not in refused.output, "refused before a run is recorded"
 
 def test_the_same_seed_trains_the_same_run(trained):
     again = run_cli(["train", "--snapshot", "digits", *TINY, "--json"], trained.location)

@@ -81,6 +81,8 @@ class TrainConfig:
     """Which epoch's weights are exported: the lowest valid loss (best) or the last."""
     early_stop: int | None = None
     """Stop after this many epochs without a lower valid loss (None: never)."""
+    folds: int = 0
+    """After the run, train this many fold models for out-of-fold losses (trainer/folds.py; 0: none)."""
 
     def __post_init__(self) -> None:
         if self.freeze_epochs is None:
@@ -114,6 +116,10 @@ class TrainConfig:
             raise FastclassError("--lr-mult must be at least 1 (the body learns lr/lr_mult, the head lr)")
         if self.bs < 1:
             raise FastclassError("--bs must be at least 1")
+        if self.folds == 1 or self.folds < 0:
+            raise FastclassError("--folds must be at least 2 (or 0: no fold models)")
+        if self.folds and processes > 1:
+            raise FastclassError("--folds trains its fold models in one process: train without --nproc")
 
 
 @dataclass
@@ -136,6 +142,8 @@ class TrainResult:
     exported_epoch: int | None = None
     """The epoch whose weights were exported (and whose metrics are the run's): see --save."""
     stopped_early: bool = False
+    fold_losses: int = 0
+    """Images given an out-of-fold loss (--folds)."""
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -424,6 +432,10 @@ def _train(session: Session, store: Store, config: TrainConfig, runs_root: Path,
         raise FastclassError("train --resume runs in one process (without --nproc)")
     hooks.stage(f"reading snapshot {config.snapshot}")
     data = snapshot_data(session, store, config.snapshot)
+    if config.folds:
+        from trainer.folds import check_folds
+
+        check_folds(data, config.folds)
     spec = get_arch(config.arch)
     fp16 = cuda if config.fp16 is None else config.fp16
     if fp16 and not cuda:
@@ -461,15 +473,15 @@ def _train(session: Session, store: Store, config: TrainConfig, runs_root: Path,
         hooks.on_start(result)
     tracker = _Tracker(session, run, config, hooks, world, rows, state)
 
-    def dataloaders(size: int, bs: int, from_cache: bool = cached):
+    def dataloaders(size: int, bs: int, from_cache: bool = cached, source=data):
         cache = None
         if from_cache:
             hooks.stage(f"presizing images into the cache ({presize_for(size, config.presize)} px)")
             cache = rank0_first(world, rank, lambda: presize_cache(data, presize_for(size, config.presize),
                                                                     runs_root.parent / CACHE_DIR,
                                                                     progress=hooks.progress))
-        hooks.stage(f"data loaders at {size} px ({data.train_count} train / {data.valid_count} valid images)")
-        return build_dataloaders(data, size, config.presize, bs, workers, config.flip, spec.stats, device, cache)
+        hooks.stage(f"data loaders at {size} px ({source.train_count} train / {source.valid_count} valid images)")
+        return build_dataloaders(source, size, config.presize, bs, workers, config.flip, spec.stats, device, cache)
 
     try:
         learn = _learner(dataloaders(config.sizes[0], config.bs), data, spec, body, result.artifact_dir, device)
@@ -531,7 +543,42 @@ def _train(session: Session, store: Store, config: TrainConfig, runs_root: Path,
                    tta_accuracy=result.tta_accuracy)
         # The checkpoints only serve an unfinished run; the export is the model now.
         shutil.rmtree(tracker.models, ignore_errors=True)
+        if config.folds:
+            result.fold_losses = _fold_losses(session, run.id, config, data, spec, result, dataloaders, fp16, device,
+                                              hooks)
+            result.seconds = round(time.monotonic() - started, 1)
     return result
+
+
+def _fold_losses(session: Session, run_id: int, config: TrainConfig, data, spec, result: TrainResult, dataloaders,
+                 fp16: bool, device, hooks: TrainHooks) -> int:
+    """The run's recipe once per fold (trainer/folds.py): fresh weights, the run's learning rate, every
+    phase to its end (no early stop: there is no held-out set to stop on but the fold itself)."""
+    from fastai.torch_core import set_seed
+
+    from trainer.folds import record_fold_losses
+
+    def train_fold(k: int, fold_data):
+        set_seed(config.seed + k + 1, reproducible=True)
+        body = build_body(spec, config.weights)
+        phases = plan_phases(config, result.lr)
+        learn = _learner(dataloaders(phases[0].size, phases[0].bs, source=fold_data), fold_data, spec, body,
+                         result.artifact_dir, device)
+        if fp16:
+            learn.to_fp16()
+        learn.freeze()
+        current = (phases[0].size, phases[0].bs)
+        for phase in phases:
+            if phase.name == "unfrozen":
+                learn.unfreeze()
+            if (phase.size, phase.bs) != current:
+                learn.dls = dataloaders(phase.size, phase.bs, source=fold_data)
+                current = (phase.size, phase.bs)
+            learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start)
+        learn.to_fp32()
+        return learn
+
+    return record_fold_losses(session, run_id, data, config.folds, config.seed, train_fold, hooks.stage)
 
 
 def _exported_row(config: TrainConfig, tracker: _Tracker) -> EpochRow:

@@ -273,7 +273,7 @@ class CleanPrompt:
             if card.prediction is not None:
                 verdict = card.prediction
                 agrees = "agrees" if verdict.predicted == card.label else "DISAGREES"
-                click.echo(f"run {self.run_id} ({'valid' if verdict.is_valid else 'train'}): predicted {verdict.predicted} "
+                click.echo(f"run {self.run_id} ({verdict.split}): predicted {verdict.predicted} "
                            f"p={verdict.probability:.3f}, loss {verdict.loss:.3f} ({agrees} with the label)")
             if card.audit is not None and card.audit.label_issue:
                 if card.audit.suggested != card.label:

@@ -156,6 +156,9 @@ RESUME_OPTIONS = {"resume_ref", "device", "workers", "as_json"}
               help="Export the epoch with the lowest valid loss, or the last one.")
 @click.option("--early-stop", type=click.IntRange(1), metavar="N",
               help="Stop after N epochs without a lower valid loss.")
+@click.option("--folds", type=click.IntRange(0), default=0, show_default=True, metavar="K",
+              help="After the run, train K more models the same way, each without one fold of the snapshot, "
+                   "so every image gets a loss from a model that never saw it (for `clean --order loss`).")
 @click.option("--seed", type=SEED, default=42, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               envvar="FASTCLASS_DEVICE", help="Where to train [env FASTCLASS_DEVICE].")
@@ -168,7 +171,7 @@ RESUME_OPTIONS = {"resume_ref", "device", "workers", "as_json"}
 def train(ctx: click.Context, snapshot_name: str | None, resume_ref: str | None, arch: str, pretrained: bool,
           weights_file: Path | None, epochs: int, freeze_epochs: int | None, lr_text: str, lr_mult: float,
           fp16: bool | None, size: int, sizes: str | None, halve_bs: bool, presize: int | None, no_flip: bool, bs: int,
-          workers: int | None, tta: bool, save: str, early_stop: int | None, seed: int, device: str,
+          workers: int | None, tta: bool, save: str, early_stop: int | None, folds: int, seed: int, device: str,
           cache: bool | None, nproc: int, as_json: bool) -> None:
     """Fine-tune a CNN on a snapshot; the run and every epoch are recorded in the catalog, with curves.png,
     a checkpoint per epoch (for --resume) and the exported model (see --save) in the run's folder."""
@@ -220,7 +223,7 @@ def train(ctx: click.Context, snapshot_name: str | None, resume_ref: str | None,
                 weights = str(weights_file.resolve()) if weights_file else PRETRAINED if pretrained else NO_WEIGHTS
                 config = TrainConfig(snapshot_name, arch, weights, epochs, freeze_epochs, _parse_lr(lr_text), lr_mult,
                                      fp16, _parse_sizes(size, sizes), presize, halve_bs, not no_flip, bs, workers, tta,
-                                     seed, device, cache, save, early_stop)
+                                     seed, device, cache, save, early_stop, folds)
                 if nproc > 1 and "WORLD_SIZE" not in os.environ:
                     config.check(nproc)
                     display.close()
@@ -243,10 +246,14 @@ def train(ctx: click.Context, snapshot_name: str | None, resume_ref: str | None,
                f" (--save {save if resume_ref is None else 'as recorded'}): valid loss {_fmt(result.valid_loss)}, "
                f"accuracy {_fmt(result.accuracy)}{tta_text}; model {result.artifact_dir / 'export.pkl'}, "
                f"curves {result.artifact_dir / 'curves.png'}")
+    if result.fold_losses:
+        click.echo(f"  out-of-fold losses for {result.fold_losses} image(s): `fastclass clean --order loss --run "
+                   f"{result.run_id}` walks them highest first")
 
 
 def _interrupted(opts: Options, run_id: int | None) -> None:
     """Ctrl-C: say what the interrupted run kept and how to continue it, then exit 130."""
+    from db.models import RunStatus, TrainingRun
     from trainer.runs import epoch_count
 
     if run_id is None:
@@ -254,7 +261,11 @@ def _interrupted(opts: Options, run_id: int | None) -> None:
         click.get_current_context().exit(130)
     with opts.session() as (_, session):
         epochs = epoch_count(session, run_id)
-    if epochs:
+        done = session.get(TrainingRun, run_id).status == RunStatus.DONE.value
+    if done:
+        click.echo(f"Error: interrupted while training the fold models; run {run_id} is done and exported, but no "
+                   "out-of-fold loss was recorded (train again with --folds for them)", err=True)
+    elif epochs:
         click.echo(f"Error: interrupted; run {run_id} keeps its {epochs} completed epoch(s): continue it with "
                    f"`fastclass train --resume {run_id}`", err=True)
     else:

@@ -16,7 +16,7 @@ from typing import Iterable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Audit, AuditScore, Image, Label, Review, RunLoss, Source, utcnow
+from db.models import Audit, AuditScore, FoldLoss, Image, Label, Review, RunLoss, Source, utcnow
 from fastclass.catalog import find_audit, find_run
 from fastclass.errors import FastclassError, NotFoundError
 from fastclass.labels import existing_label_id, label_exists, label_ids, normalize_label, unknown_label
@@ -290,7 +290,8 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
 
         rows.sort(key=flagged)
     elif order == "loss":
-        losses = dict(session.execute(select(RunLoss.image_id, RunLoss.loss).where(RunLoss.run_id == run_id)).all())
+        table = loss_table(session, run_id)
+        losses = dict(session.execute(select(table.image_id, table.loss).where(table.run_id == run_id)).all())
         # Highest loss first: the images the model most disagrees with; images it never saw come last.
         rows.sort(key=lambda r: (r.id not in losses, -losses.get(r.id, 0.0), r.id))
     else:
@@ -306,15 +307,27 @@ def audit_with_scores(session: Session, audit: int | None = None) -> int:
 
 def review_signals(session: Session) -> dict[str, list[int]]:
     """What can order a review: the runs with per-image losses and the audits, newest first."""
-    return {"runs": list(session.scalars(select(RunLoss.run_id).distinct().order_by(RunLoss.run_id.desc()))),
+    runs = set(session.scalars(select(RunLoss.run_id).distinct())) | set(
+        session.scalars(select(FoldLoss.run_id).distinct()))
+    return {"runs": sorted(runs, reverse=True),
             "audits": list(session.scalars(select(Audit.id).order_by(Audit.id.desc())))}
 
 
+def loss_table(session: Session, run_id: int) -> type[FoldLoss] | type[RunLoss]:
+    """Where a run's per-image losses are: its out-of-fold losses (`train --folds`) when it has them, for
+    they come from models that never trained on the image; else `interpret`'s, from the run's own model."""
+    if session.scalar(select(FoldLoss.image_id).where(FoldLoss.run_id == run_id).limit(1)) is not None:
+        return FoldLoss
+    return RunLoss
+
+
 def run_with_losses(session: Session, run: str) -> int:
-    """The id of a training run that `interpret` has given per-image losses."""
+    """The id of a training run with per-image losses (`train --folds` or `interpret`)."""
     found = find_run(session, run)
-    if session.scalar(select(RunLoss.image_id).where(RunLoss.run_id == found.id).limit(1)) is None:
-        raise FastclassError(f"run {found.id} has no per-image losses yet; run `fastclass interpret {found.id}` first")
+    table = loss_table(session, found.id)
+    if session.scalar(select(table.image_id).where(table.run_id == found.id).limit(1)) is None:
+        raise FastclassError(f"run {found.id} has no per-image losses yet; run `fastclass interpret {found.id}` first "
+                             "(or train with --folds for out-of-fold losses)")
     return found.id
 
 
@@ -352,7 +365,8 @@ class ImageCard:
     group_labels: list[str]
     conflict: str | None
     claimed_labels: list[str]
-    prediction: RunLoss | None = None
+    prediction: RunLoss | FoldLoss | None = None
+    """With a run: its verdict on this image (out of fold when the run has fold losses)."""
     audit: AuditScore | None = None
     """With an audit: its verdict on this image (label issue and suggested label, outlier)."""
 
@@ -376,7 +390,7 @@ def image_card(session: Session, image_id: int, run_id: int | None = None,
     return ImageCard(image.id, image.sha256, label, image.label_id, image.status, image.reason, image.width, image.height,
                      image.format, image.bytes, image.store_path, sources, image.dup_group_id, size, group_labels,
                      image.conflict, sorted({claim for _, _, claim in sources} | ({label} if label else set())),
-                     session.get(RunLoss, (run_id, image_id)) if run_id is not None else None,
+                     session.get(loss_table(session, run_id), (run_id, image_id)) if run_id is not None else None,
                      session.get(AuditScore, (audit_id, image_id)) if audit_id is not None else None)
 
 

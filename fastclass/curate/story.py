@@ -4,7 +4,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import DuplicateGroup, Image, ImageHash, RunLoss, Snapshot, SnapshotItem, Source
+from db.models import DuplicateGroup, FoldLoss, Image, ImageHash, RunLoss, Snapshot, SnapshotItem, Source
 from fastclass.curate.review import find_image, list_reviews
 from fastclass.errors import NotFoundError
 from fastclass.labels import label_names
@@ -42,9 +42,10 @@ def image_story(session: Session, ref: str, store=None) -> dict:
                      select(Snapshot.name, SnapshotItem.label, SnapshotItem.is_valid)
                      .join(Snapshot, Snapshot.id == SnapshotItem.snapshot_id)
                      .where(SnapshotItem.image_id == image.id).order_by(Snapshot.id))]
-    losses = [{"run": r.run_id, "split": "valid" if r.is_valid else "train", "label": r.label,
-               "predicted": r.predicted, "probability": r.probability, "loss": r.loss}
-              for r in session.scalars(select(RunLoss).where(RunLoss.image_id == image.id).order_by(RunLoss.run_id))]
+    losses = [{"run": r.run_id, "split": r.split, "label": r.label, "predicted": r.predicted,
+               "probability": r.probability, "loss": r.loss}
+              for table in (RunLoss, FoldLoss)
+              for r in session.scalars(select(table).where(table.image_id == image.id).order_by(table.run_id))]
     claimed = sorted({s["label"] for s in sources if s["label"]} | ({names[image.label_id]} if image.label_id else set()))
     return {
         "id": image.id, "sha256": image.sha256, "label": names.get(image.label_id), "status": image.status,

@@ -149,7 +149,8 @@ def _tiles(session, image_ids: list[int], run_id: int | None, audit_id: int | No
         elif c.audit is not None and c.audit.outlier:
             flag = "outlier"
         elif c.prediction is not None:
-            flag = f"predicted {c.prediction.predicted} p={c.prediction.probability:.2f}, loss {c.prediction.loss:.2f}"
+            flag = (f"predicted {c.prediction.predicted} p={c.prediction.probability:.2f}, loss {c.prediction.loss:.2f}"
+                    f" ({c.prediction.split})")
         tiles.append({"id": c.id, "label": c.label, "label_id": c.label_id, "status": c.status,
                       "reviewed": c.id in reviewed, "conflict": c.conflict, "flag": flag,
                       "suggested": c.audit.suggested if c.audit is not None and c.audit.label_issue else None})
