@@ -35,11 +35,23 @@ def catalog(tmp_path) -> str:
     return location
 
 
+@pytest.fixture
+def pg_catalog(pg_database, tmp_path) -> str:
+    init_catalog(pg_database, str(tmp_path / "images"))
+    opened = open_catalog(pg_database)
+    try:
+        add_images(opened, tmp_path / "in", digit_images(DIGITS, 6))
+    finally:
+        opened.close()
+    assert run_cli(["verify"], pg_database).exit_code == 0
+    return pg_database
+
+
 @contextmanager
-def serving(location: str, *extra: str):
+def serving(location: str, *extra: str, reviewer: str = "browser"):
     proc = subprocess.Popen([sys.executable, "-m", "fastclass", "--catalog", location, "serve", "--port", "0",
                              "--no-open", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "FASTCLASS_REVIEWER": "browser"})
+                            env={**os.environ, "FASTCLASS_REVIEWER": reviewer})
     try:
         line = proc.stdout.readline()
         found = re.search(r"at (http://127\.0\.0\.1:\d+/\S*) \(Ctrl-C stops\)", line)
@@ -134,6 +146,37 @@ def test_two_reviewers_on_one_image_one_wins_the_other_is_told(catalog, browser)
         (zero[0], "delete")]
 
 
+
+def test_two_reviewers_on_one_postgresql_catalog_never_lose_each_others_decisions(pg_catalog, browser):
+    """Two reviewers, each with their own `serve` on the same PostgreSQL catalog."""
+    zero = sorted(i for i, (_, label) in statuses(pg_catalog).items() if label == "zero")
+    with serving(pg_catalog, reviewer="alice") as one, serving(pg_catalog, reviewer="bob") as other:
+        alice, bob = open_grid(browser, one.url, "zero"), open_grid(browser, other.url, "zero")
+        two = json.loads(bob.get_attribute("#grid", "data-digits"))["2"]
+        alice.keyboard.press("d")
+        alice.wait_for_selector(f'.tile[data-id="{zero[0]}"][data-status="deleted"]')
+        bob.keyboard.press("k")  # bob's page showed it ok: refused, and his tile shows alice's decision
+        bob.wait_for_selector(f'.tile[data-id="{zero[0]}"][data-status="deleted"]')
+        assert "changed" in bob.inner_text("#message")
+        bob.keyboard.press("ArrowRight")
+        bob.keyboard.press("2")
+        bob.wait_for_selector(f'.tile[data-id="{zero[1]}"] .label:text-is("{two}")')
+        for _ in range(2):
+            alice.keyboard.press("Shift+ArrowRight")  # zero[1..3] selected, but zero[1] was relabelled since
+        alice.keyboard.press("d")
+        alice.wait_for_selector(f'.tile[data-id="{zero[1]}"] .label:text-is("{two}")')
+        assert "changed" in alice.inner_text("#message")
+        assert all(statuses(pg_catalog)[i] == ("ok", "zero") for i in zero[2:4]), "all of a bulk action or none"
+        # Without reloading, each page follows the other's decisions (bob's cursor moved on to zero[2]).
+        bob.keyboard.press("d")
+        bob.wait_for_selector(f'.tile[data-id="{zero[2]}"][data-status="deleted"]')
+        alice.wait_for_selector(f'.tile.live[data-id="{zero[2]}"][data-status="deleted"]', timeout=10000)
+    reviews = json.loads(run_cli(["reviews", "--json"], pg_catalog).stdout)
+    assert sorted((r["image"], r["action"], r["reviewer"]) for r in reviews) == [
+        (zero[0], "delete", "alice"), (zero[1], "relabel", "bob"), (zero[2], "delete", "bob")]
+    assert [statuses(pg_catalog)[i] for i in zero[:4]] == [("deleted", "zero"), ("ok", two), ("deleted", "zero"),
+                                                            ("ok", "zero")]
+
 def test_a_decision_survives_the_server_killed_right_after_it(catalog, browser):
     zero = sorted(i for i, (_, label) in statuses(catalog).items() if label == "zero")
     with serving(catalog) as server:
@@ -172,7 +215,11 @@ def test_group_and_snapshot_views_show_their_sections(catalog, tmp_path):
 
     write(tmp_path / "more" / "zero" / "big.png", photo_like(3, (96, 96)))
     write(tmp_path / "more" / "zero" / "small.png", photo_like(3, (64, 64)))
-    for args in (["import", str(tmp_path / "more")], ["verify"], ["dedup"], ["split"], ["snapshot", "create", "v1"]):
+    # The same bytes filed under two labels: a label conflict, each claim with its source.
+    for label in ("zero", "seven"):
+        write(tmp_path / "claims" / label / "claimed.png", photo_like(5, (80, 80)))
+    for args in (["import", str(tmp_path / "more")], ["verify"], ["dedup"], ["split"], ["snapshot", "create", "v1"],
+                 ["import", str(tmp_path / "claims")]):
         assert run_cli(args, catalog).exit_code == 0, args
     group, keeper = catalog_rows(catalog, "SELECT id, keeper_id FROM duplicate_groups")[0]
     members = [i for (i,) in catalog_rows(catalog, f"SELECT id FROM images WHERE dup_group_id = {group}")]
@@ -189,3 +236,6 @@ def test_group_and_snapshot_views_show_their_sections(catalog, tmp_path):
         status, page = http(f"{server.url}")
         assert status == 200 and 'href="/snapshot/v1"' in page and 'href="/groups"' in page
         assert http(f"{server.url}snapshot/nope")[0] == 404
+        status, page = http(f"{server.url}grid?status=conflict")
+        assert status == 200 and len(re.findall(r'class="tile', page)) == 1
+        assert re.search(r"claims: seven \(\w+\), zero \(\w+\)", page), page

@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 
 from PIL import Image as PILImage
 from PIL import ImageOps
+from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -49,6 +50,10 @@ from fastclass.stats import list_labels
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 200
+LIVE_MS = 3000
+"""How often a page asks for its tiles' states (what other reviewers decided)."""
+LIVE_MAX_IDS = 500
+"""At most this many tiles per /api/tiles request (a page holds PAGE_SIZE)."""
 THUMB_SIZES = (128, 256, 512)
 TOKEN_COOKIE = "fastclass_token"
 CSRF_HEADER = "x-fastclass-csrf"
@@ -151,8 +156,14 @@ def _tiles(session, image_ids: list[int], run_id: int | None, audit_id: int | No
         elif c.prediction is not None:
             flag = (f"predicted {c.prediction.predicted} p={c.prediction.probability:.2f}, loss {c.prediction.loss:.2f}"
                     f" ({c.prediction.split})")
+        claims = []
+        if c.conflict == "labels":
+            # Every label a source claims for the image, with where the claim came from.
+            claims = sorted({f"{claim} ({engine})" for engine, _, claim in c.sources})
+        elif c.conflict:
+            claims = [f"near-copies carry {', '.join(c.group_labels)}"]
         tiles.append({"id": c.id, "label": c.label, "label_id": c.label_id, "status": c.status,
-                      "reviewed": c.id in reviewed, "conflict": c.conflict, "flag": flag,
+                      "reviewed": c.id in reviewed, "conflict": c.conflict, "flag": flag, "claims": claims,
                       "suggested": c.audit.suggested if c.audit is not None and c.audit.label_issue else None})
     return tiles
 
@@ -165,7 +176,7 @@ def _page(request: Request, title: str, q: dict, sections: list[dict], total: in
         names = sorted(label_names(session).values())
     return templates.TemplateResponse(request, "grid.html", {
         "title": title, "q": q, "sections": sections, "total": total, "reviewed": reviewed, "pages": pages,
-        "digits": digits, "labels": names, "csrf": gallery.csrf})
+        "digits": digits, "labels": names, "csrf": gallery.csrf, "live_ms": LIVE_MS})
 
 
 def grid(request: Request) -> Response:
@@ -272,10 +283,30 @@ def original(request: Request) -> Response:
 
 
 def _state(session, image_id: int) -> dict:
-    image = session.get(Image, image_id, populate_existing=True)
+    return _states(session, [image_id])[0]
+
+
+def _states(session, image_ids: list[int]) -> list[dict]:
+    """Each image as it is now in the catalog (missing ones left out), in the order given."""
     names = label_names(session)
-    return {"id": image_id, "status": str(image.status), "label_id": image.label_id,
-            "label": names.get(image.label_id), "reviewed": image_id in reviewed_ids(session, [image_id])}
+    reviewed = reviewed_ids(session, image_ids)
+    rows = {r.id: r for r in session.execute(select(Image.id, Image.status, Image.label_id)
+                                             .where(Image.id.in_(image_ids)).execution_options(populate_existing=True))}
+    return [{"id": i, "status": str(rows[i].status), "label_id": rows[i].label_id,
+             "label": names.get(rows[i].label_id), "reviewed": i in reviewed} for i in image_ids if i in rows]
+
+
+def api_tiles(request: Request) -> Response:
+    """?ids=1,2,3: those images' states now, so a page shows what other reviewers decided since it loaded."""
+    gallery: Gallery = request.app.state.gallery
+    try:
+        ids = [int(i) for i in request.query_params.get("ids", "").split(",") if i]
+    except ValueError:
+        return JSONResponse({"error": "ids: image ids separated by commas"}, status_code=400)
+    if len(ids) > LIVE_MAX_IDS:
+        return JSONResponse({"error": f"at most {LIVE_MAX_IDS} ids per request"}, status_code=400)
+    with gallery.catalog.session() as session:
+        return JSONResponse({"tiles": _states(session, ids)})
 
 
 async def api_decide(request: Request) -> Response:
@@ -349,6 +380,7 @@ def create_app(catalog: Catalog, reviewer: str, token: str | None = None) -> Sta
         Route("/image/{image_id:int}", image_view),
         Route("/image/{image_id:int}/file", original),
         Route("/thumb/{image_id:int}", thumbnail),
+        Route("/api/tiles", api_tiles),
         Route("/api/decide", api_decide, methods=["POST"]),
         Route("/api/undo", api_undo, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),

@@ -118,6 +118,25 @@
     dialog.onclose = () => { if (dialog.returnValue !== "cancel" && input.value.trim()) decideOn("relabel", input.value.trim()); };
     input.onkeydown = (e) => { if (e.key === "Escape") { dialog.returnValue = "cancel"; } };
   }
+  // What others decided since the page loaded: the visible tiles' states, polled; a changed tile is outlined.
+  async function follow() {
+    if (!tiles.length || document.hidden) return;
+    try {
+      const ids = tiles.map((t) => t.dataset.id).join(",");
+      const response = await fetch("/api/tiles?ids=" + ids, { credentials: "same-origin" });
+      if (!response.ok) return;
+      (await response.json()).tiles.forEach((state) => {
+        const tile = tiles.find((t) => Number(t.dataset.id) === state.id);
+        const labelId = state.label_id === null ? "" : String(state.label_id);
+        if (tile && (tile.dataset.status !== state.status || tile.dataset.labelId !== labelId ||
+                     tile.classList.contains("reviewed") !== state.reviewed)) {
+          show(tile, state);
+          tile.classList.add("live");
+        }
+      });
+    } catch (e) { /* the server is away for a moment: try again at the next tick */ }
+  }
+  setInterval(follow, Number(grid.dataset.liveMs) || 3000);
   tiles.forEach((tile, i) => {
     tile.addEventListener("click", (e) => {
       if (e.shiftKey || e.ctrlKey || e.metaKey) { selected.has(i) ? selected.delete(i) : selected.add(i); }
