@@ -208,6 +208,9 @@ def test_a_token_is_needed_when_asked_and_cross_site_posts_are_refused(catalog):
         assert status == 200 and json.loads(answer)["decided"][0]["status"] == "deleted"
     with serving(catalog) as server:
         assert http(server.url)[0] == 200, "on loopback, no token unless --token"
+        server.send_signal(signal.SIGINT)  # Ctrl-C: the normal way to stop a server
+        out, err = server.communicate(timeout=20)
+        assert (server.returncode, out, err) == (0, "Stopped; every decision was committed when it was made.\n", "")
 
 
 def test_group_and_snapshot_views_show_their_sections(catalog, tmp_path):

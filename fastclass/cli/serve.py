@@ -56,7 +56,12 @@ def serve(opts: Options, host: str, port: int, open_browser: bool, force_token: 
         click.echo(f"Serving {catalog.display} at {url} (Ctrl-C stops)")
         if open_browser:
             click.launch(url)
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            # uvicorn stops on Ctrl-C, then raises it again; for a server that is the normal way to stop.
+            pass
+        click.echo("Stopped; every decision was committed when it was made.")
     finally:
         sock.close()
         catalog.close()

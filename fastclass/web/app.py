@@ -20,14 +20,13 @@ from PIL import ImageOps
 from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from db.models import Image
+from db.models import AuditScore, Image, Label, Source
 from fastclass.catalog import Catalog
 from fastclass.curate.dedup import duplicate_groups
 from fastclass.curate.review import (
@@ -37,6 +36,7 @@ from fastclass.curate.review import (
     decide,
     image_card,
     list_reviews,
+    loss_table,
     review_queue,
     review_signals,
     reviewed_ids,
@@ -50,6 +50,8 @@ from fastclass.stats import list_labels
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 200
+FILES_REMEMBERED = 200_000
+"""Image ids whose file the gallery keeps in memory (about 200 bytes each), for thumbnails."""
 LIVE_MS = 3000
 """How often a page asks for its tiles' states (what other reviewers decided)."""
 LIVE_MAX_IDS = 500
@@ -66,14 +68,26 @@ class Gallery:
         self.catalog, self.reviewer, self.token = catalog, reviewer, token
         self.csrf = secrets.token_urlsafe(24)
         self.thumbs = catalog.work_dir / "thumbs"
+        self._files: dict[int, tuple[str, str]] = {}
+
+    def file_of(self, image_id: int) -> tuple[str, str]:
+        """(sha256, store path) of an image. Remembered: an image id always names the same bytes (the store
+        is content-addressed), so a thumbnail request after the first needs no catalog query."""
+        found = self._files.get(image_id)
+        if found is None:
+            with self.catalog.session() as session:
+                image = session.get(Image, image_id)
+                if image is None:
+                    raise NotFoundError(f"no image with id {image_id} in the catalog")
+                found = (image.sha256, image.store_path)
+            if len(self._files) >= FILES_REMEMBERED:
+                self._files.clear()
+            self._files[image_id] = found
+        return found
 
     def thumbnail(self, image_id: int, size: int) -> tuple[Path, str]:
         """The cached JPEG thumbnail of an image (made once per image and size), and its sha256."""
-        with self.catalog.session() as session:
-            image = session.get(Image, image_id)
-            if image is None:
-                raise NotFoundError(f"no image with id {image_id} in the catalog")
-            sha, store_path = image.sha256, image.store_path
+        sha, store_path = self.file_of(image_id)
         path = self.thumbs / str(size) / sha[:2] / f"{sha}.jpg"
         if not path.exists():
             source = self.catalog.store.path(store_path)
@@ -87,28 +101,52 @@ class Gallery:
         return path, sha
 
 
-class _Guard(BaseHTTPMiddleware):
-    """The token (on a non-loopback bind) and the CSRF rules, before any handler runs."""
+class _Guard:
+    """The token (on a non-loopback bind) and the CSRF rules, before any handler runs. Plain ASGI rather
+    than Starlette's BaseHTTPMiddleware, which costs every request (thumbnails most) a task and a stream."""
 
-    async def dispatch(self, request: Request, call_next):
-        gallery: Gallery = request.app.state.gallery
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        gallery: Gallery = scope["app"].state.gallery
+        refusal = self.refusal(request, gallery)
+        if refusal is not None:
+            await PlainTextResponse(refusal, status_code=403)(scope, receive, send)
+            return
+        if gallery.token is None or not request.query_params.get("token"):
+            await self.app(scope, receive, send)
+            return
+        cookie = Response()
+        cookie.set_cookie(TOKEN_COOKIE, gallery.token, httponly=True, samesite="strict")
+        set_cookie = next(value for name, value in cookie.raw_headers if name == b"set-cookie")
+
+        async def send_with_cookie(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", set_cookie)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
+
+    @staticmethod
+    def refusal(request: Request, gallery: Gallery) -> str | None:
         if gallery.token is not None:
             given = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
             if not hmac.compare_digest(given, gallery.token):
-                return PlainTextResponse("refused: this gallery needs the token printed when `fastclass serve` "
-                                         "started (open the URL it printed)", status_code=403)
+                return ("refused: this gallery needs the token printed when `fastclass serve` started (open the "
+                        "URL it printed)")
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             origin = request.headers.get("origin")
             own = f"{request.url.scheme}://{request.headers.get('host', '')}"
             if origin is not None and origin != own:
-                return PlainTextResponse(f"refused: a request from {origin} (cross-site)", status_code=403)
+                return f"refused: a request from {origin} (cross-site)"
             if not hmac.compare_digest(request.headers.get(CSRF_HEADER, ""), gallery.csrf):
-                return PlainTextResponse("refused: no CSRF header (state changes come from the gallery's own "
-                                         "pages)", status_code=403)
-        response = await call_next(request)
-        if gallery.token is not None and request.query_params.get("token"):
-            response.set_cookie(TOKEN_COOKIE, gallery.token, httponly=True, samesite="strict")
-        return response
+                return "refused: no CSRF header (state changes come from the gallery's own pages)"
+        return None
 
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -145,26 +183,50 @@ def index(request: Request) -> Response:
 
 def _tiles(session, image_ids: list[int], run_id: int | None, audit_id: int | None,
            reviewed: set[int]) -> list[dict]:
+    """The tiles of a page, in a handful of queries whatever their number (a page of 200 in one go)."""
+    rows = {r.id: r for r in session.execute(
+        select(Image.id, Image.status, Image.label_id, Image.conflict, Image.dup_group_id)
+        .where(Image.id.in_(image_ids)).execution_options(populate_existing=True))}
+    names = label_names(session)
+    scores = {} if audit_id is None else {score.image_id: score for score in session.scalars(
+        select(AuditScore).where(AuditScore.audit_id == audit_id, AuditScore.image_id.in_(image_ids)))}
+    verdicts = {}
+    if run_id is not None:
+        table = loss_table(session, run_id)
+        verdicts = {v.image_id: v for v in session.scalars(
+            select(table).where(table.run_id == run_id, table.image_id.in_(image_ids)))}
+    claimed: dict[int, set[str]] = {}
+    for image_id, engine, claim in session.execute(
+            select(Source.image_id, Source.engine, Label.name).join(Label, Label.id == Source.label_id)
+            .where(Source.image_id.in_([i for i, r in rows.items() if r.conflict == "labels"]))):
+        # Every label a source claims for the image, with where the claim came from.
+        claimed.setdefault(image_id, set()).add(f"{claim} ({engine})")
+    carried: dict[int, set[str]] = {}
+    for group, label_id in session.execute(
+            select(Image.dup_group_id, Image.label_id).where(Image.dup_group_id.in_(
+                {r.dup_group_id for r in rows.values() if r.conflict and r.conflict != "labels"}))):
+        carried.setdefault(group, set()).add(names.get(label_id, "?"))
     tiles = []
     for image_id in image_ids:
-        c = image_card(session, image_id, run_id, audit_id)
+        row = rows.get(image_id)
+        if row is None:
+            continue
+        score, verdict = scores.get(image_id), verdicts.get(image_id)
         flag = ""
-        if c.audit is not None and c.audit.label_issue:
-            flag = f"label issue: {c.audit.suggested}?"
-        elif c.audit is not None and c.audit.outlier:
+        if score is not None and score.label_issue:
+            flag = f"label issue: {score.suggested}?"
+        elif score is not None and score.outlier:
             flag = "outlier"
-        elif c.prediction is not None:
-            flag = (f"predicted {c.prediction.predicted} p={c.prediction.probability:.2f}, loss {c.prediction.loss:.2f}"
-                    f" ({c.prediction.split})")
-        claims = []
-        if c.conflict == "labels":
-            # Every label a source claims for the image, with where the claim came from.
-            claims = sorted({f"{claim} ({engine})" for engine, _, claim in c.sources})
-        elif c.conflict:
-            claims = [f"near-copies carry {', '.join(c.group_labels)}"]
-        tiles.append({"id": c.id, "label": c.label, "label_id": c.label_id, "status": c.status,
-                      "reviewed": c.id in reviewed, "conflict": c.conflict, "flag": flag, "claims": claims,
-                      "suggested": c.audit.suggested if c.audit is not None and c.audit.label_issue else None})
+        elif verdict is not None:
+            flag = (f"predicted {verdict.predicted} p={verdict.probability:.2f}, loss {verdict.loss:.2f}"
+                    f" ({verdict.split})")
+        claims = sorted(claimed.get(image_id, ()))
+        if row.conflict and row.conflict != "labels":
+            claims = [f"near-copies carry {', '.join(sorted(carried.get(row.dup_group_id, ())))}"]
+        tiles.append({"id": image_id, "label": names.get(row.label_id), "label_id": row.label_id,
+                      "status": str(row.status), "reviewed": image_id in reviewed, "conflict": row.conflict,
+                      "flag": flag, "claims": claims,
+                      "suggested": score.suggested if score is not None and score.label_issue else None})
     return tiles
 
 
@@ -261,12 +323,14 @@ def thumbnail(request: Request) -> Response:
     size = min(THUMB_SIZES, key=lambda s: abs(s - size))
     try:
         path, sha = gallery.thumbnail(int(request.path_params["image_id"]), size)
+        # A few kB: read whole here (this handler runs in a worker thread), not streamed chunk by chunk.
+        data = path.read_bytes()
     except NotFoundError as exc:
         return PlainTextResponse(str(exc), status_code=404)
     except OSError as exc:
         return PlainTextResponse(f"no thumbnail: {exc.strerror or exc}", status_code=404)
     # An image id always names the same bytes (the store is content-addressed), so a thumbnail never changes.
-    return FileResponse(path, media_type="image/jpeg", headers={
+    return Response(data, media_type="image/jpeg", headers={
         "Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{sha}-{size}"'})
 
 
