@@ -133,6 +133,25 @@ def test_keys_and_a_bulk_selection_change_exactly_the_rows_they_should(catalog, 
     assert (zero_stats["ok"], zero_stats["deleted"]) == (len(zero) - 4, 4)
 
 
+
+def test_enter_opens_the_image_with_its_story_and_the_same_keys_decide_there(catalog, browser):
+    zero = sorted(i for i, (_, label) in statuses(catalog).items() if label == "zero")
+    sha, uri = catalog_rows(catalog, f"SELECT i.sha256, s.uri FROM images i JOIN sources s ON s.image_id = i.id "
+                                     f"WHERE i.id = {zero[1]}")[0]
+    with serving(catalog) as server:
+        page = open_grid(browser, server.url, "zero")
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("Enter")
+        page.wait_for_url(f"**/image/{zero[1]}")
+        page.wait_for_function("document.querySelector('img.large').naturalWidth > 0")
+        story = page.inner_text("main")
+        assert sha in story and uri in story and "dhash" in story and "none" in story.split("Reviews")[1]
+        page.keyboard.press("d")
+        page.wait_for_selector(f'.tile[data-id="{zero[1]}"][data-status="deleted"]')
+        page.reload()
+        assert "browser: delete (ok zero" in page.inner_text("main")
+    assert statuses(catalog)[zero[1]] == ("deleted", "zero")
+
 def test_two_reviewers_on_one_image_one_wins_the_other_is_told(catalog, browser):
     zero = sorted(i for i, (_, label) in statuses(catalog).items() if label == "zero")
     with serving(catalog) as server:

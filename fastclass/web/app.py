@@ -34,8 +34,6 @@ from fastclass.curate.review import (
     STATUS_FILTERS,
     audit_with_scores,
     decide,
-    image_card,
-    list_reviews,
     loss_table,
     review_queue,
     review_signals,
@@ -304,17 +302,21 @@ def snapshot_view(request: Request) -> Response:
 
 
 def image_view(request: Request) -> Response:
+    """One image large, with its whole story (`fastclass image`), and the same keys as a grid."""
+    from fastclass.curate.story import image_story
+
     gallery: Gallery = request.app.state.gallery
     image_id = int(request.path_params["image_id"])
     try:
         with gallery.catalog.session() as session:
-            card = image_card(session, image_id)
-            history = list_reviews(session, image_id=image_id)
+            story = image_story(session, str(image_id), gallery.catalog.store)
+            tile = _states(session, [image_id])[0]
             digits = relabel_digits(session)
+            names = sorted(label_names(session).values())
     except NotFoundError as exc:
         return PlainTextResponse(f"Error: {exc}", status_code=404)
-    return templates.TemplateResponse(request, "image.html", {"card": card, "reviews": history, "digits": digits,
-                                                              "csrf": gallery.csrf})
+    return templates.TemplateResponse(request, "image.html", {
+        "s": story, "tile": tile, "digits": digits, "labels": names, "csrf": gallery.csrf, "live_ms": LIVE_MS})
 
 
 def thumbnail(request: Request) -> Response:
