@@ -1,5 +1,6 @@
-"""Make docs/images/gallery-grid.png and gallery-image.png: the real `fastclass serve` on a copy of the demo
-catalog, in Debian's headless chromium through Playwright, after a few real key presses.
+"""Make docs/images/gallery-grid.png, gallery-loss.png, gallery-groups.png and gallery-image.png: the real
+`fastclass serve` on a copy of the demo catalog, in Debian's headless chromium through Playwright, after a
+few real key presses.
 
 Run after `make demo`: .venv/bin/python docs/gallery_screenshot.py
 The demo catalog is copied first, so the decisions taken for the picture do not land in it.
@@ -37,6 +38,10 @@ def main() -> None:
                 page.keyboard.press("Shift+ArrowRight")
             page.screenshot(path=str(ROOT / "docs" / "images" / "gallery-grid.png"))
             first = page.get_attribute(".tile", "data-id")
+            for view, name in (("grid?order=loss&run=1", "gallery-loss.png"), ("groups", "gallery-groups.png")):
+                page.goto(f"{url}{view}")
+                page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+                page.screenshot(path=str(ROOT / "docs" / "images" / name))
             page.goto(f"{url}image/{first}")
             page.wait_for_function("document.images[0].complete")
             page.screenshot(path=str(ROOT / "docs" / "images" / "gallery-image.png"))
