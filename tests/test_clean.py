@@ -208,3 +208,27 @@ def test_conflict_filter_walks_groups_that_span_labels(catalog, tmp_path):
         cards = [image_card(session, image_id) for image_id in queue]
     assert [c.label for c in cards] == ["cats", "dogs"]
     assert all(c.conflict and c.group_labels == ["cats", "dogs"] and c.group_size == 2 for c in cards)
+
+
+def test_a_page_of_the_queue_from_the_database_is_the_same_as_slicing_the_whole_queue(initialized_catalog, tmp_path):
+    """The gallery pages the label and newest orders in SQL (review_page); it must agree with review_queue,
+    the prompt's order, image for image, and count the same standing decisions (undone ones excluded)."""
+    from fastclass.curate.review import decide, review_page, review_queue, reviewed_ids, undo
+
+    catalog = open_catalog(initialized_catalog)
+    add_images(catalog, tmp_path / "in", {"cats": [photo_like(s) for s in range(7)],
+                                          "dogs": [photo_like(s) for s in range(7, 12)]})
+    with catalog.session() as session:
+        for image_id, action in ((2, "keep"), (3, "delete"), (9, "keep"), (10, "delete")):
+            last = decide(session, catalog.store, image_id, action, None, "tester")
+        undo(session, catalog.store, last.review_id, "tester")
+        for label in (None, "cats"):
+            for status in ("ok", "deleted"):
+                for order in ("label", "newest"):
+                    queue = review_queue(session, label, status, order)
+                    for page in (1, 2, 3):
+                        assert review_page(session, label, status, order, None, None, page, 4) == (
+                            queue[(page - 1) * 4:page * 4], len(queue), len(reviewed_ids(session, queue))), (
+                            label, status, order, page)
+        assert review_page(session, None, "ok", "label", None, None, 1, 100)[1:] == (11, 2)
+    catalog.close()

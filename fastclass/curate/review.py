@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Audit, AuditScore, FoldLoss, Image, Label, Review, RunLoss, Source, utcnow
@@ -257,17 +257,8 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
     run_id = run_with_losses(session, run) if run is not None else None
     if order == "loss" and run_id is None:
         raise FastclassError("--order loss needs --run RUN: the training run whose per-image losses to order by")
-    query = select(Image.id, Label.name, Image.created_at, Image.dup_group_id).outerjoin(
-        Label, Label.id == Image.label_id)
-    if status == "conflict":
-        # Open conflicts only: a reviewer's decision closes one, and a deleted image has none to settle.
-        query = query.where(Image.conflict.is_not(None), Image.status.in_(LIVE))
-    else:
-        query = query.where(Image.status == status)
-    if label is not None:
-        label_id = existing_label_id(session, label)
-        query = query.where(Image.label_id == label_id)
-    rows = session.execute(query).all()
+    rows = session.execute(_filtered(session, select(Image.id, Label.name, Image.created_at, Image.dup_group_id),
+                                     label, status)).all()
     if status == "conflict":
         rows.sort(key=lambda r: (r.dup_group_id or 0, r.name or "", r.id))
     elif order == "label":
@@ -298,6 +289,46 @@ def review_queue(session: Session, label: str | None = None, status: str = "ok",
         rows.sort(key=lambda r: r.id)
         random.Random(f"{label}:{status}").shuffle(rows)
     return [r.id for r in rows]
+
+
+def _filtered(session: Session, query, label: str | None, status: str):
+    """`query` (over images, outer-joined to their label here) limited to a review filter's images."""
+    query = query.outerjoin(Label, Label.id == Image.label_id)
+    if status == "conflict":
+        # Open conflicts only: a reviewer's decision closes one, and a deleted image has none to settle.
+        query = query.where(Image.conflict.is_not(None), Image.status.in_(LIVE))
+    else:
+        query = query.where(Image.status == status)
+    if label is not None:
+        query = query.where(Image.label_id == existing_label_id(session, label))
+    return query
+
+
+def _standing_decision():
+    """Whether an image has a decision that stands (see reviewed_ids), as a correlated SQL condition."""
+    undone = select(Review.undoes_id).where(Review.undoes_id.is_not(None))
+    return exists().where(Review.image_id == Image.id, Review.action.not_in(("undo", "merge")),
+                          Review.id.not_in(undone))
+
+
+def review_page(session: Session, label: str | None, status: str, order: str, run: str | None,
+                audit: int | None, page: int, size: int) -> tuple[list[int], int, int]:
+    """One page of a review queue: (the ids on page `page` (from 1) of `size`, how many the queue holds,
+    how many of those have a decision that stands). The same ids as slicing review_queue; for the label
+    and newest orders the database orders, counts and pages, so a page of a 100,000-image view does not
+    load the other 99,800."""
+    if order not in ("label", "newest") or status == "conflict" or status not in STATUS_FILTERS:
+        queue = review_queue(session, label, status, order, run, audit)
+        return queue[(page - 1) * size:page * size], len(queue), len(reviewed_ids(session, queue))
+    if run is not None:
+        run_with_losses(session, run)
+    ids = _filtered(session, select(Image.id), label, status)
+    total = session.scalar(select(func.count()).select_from(ids.subquery()))
+    reviewed = session.scalar(select(func.count()).select_from(ids.where(_standing_decision()).subquery()))
+    ordering = ((func.coalesce(Label.name, ""), Image.id) if order == "label"
+                else (Image.created_at.desc(), Image.id.desc()))
+    shown = list(session.scalars(ids.order_by(*ordering).offset((page - 1) * size).limit(size)))
+    return shown, total, reviewed
 
 
 def audit_with_scores(session: Session, audit: int | None = None) -> int:

@@ -35,7 +35,7 @@ from fastclass.curate.review import (
     audit_with_scores,
     decide,
     loss_table,
-    review_queue,
+    review_page,
     review_signals,
     reviewed_ids,
     run_with_losses,
@@ -245,18 +245,17 @@ def grid(request: Request) -> Response:
     try:
         q = _query(request)
         with gallery.catalog.session() as session:
-            queue = review_queue(session, q["label"], q["status"], q["order"], q["run"], q["audit"])
+            shown, total, reviewed = review_page(session, q["label"], q["status"], q["order"], q["run"], q["audit"],
+                                                 q["page"], PAGE_SIZE)
             run_id = run_with_losses(session, q["run"]) if q["run"] else None
             audit_id = audit_with_scores(session, q["audit"]) if q["audit"] or q["order"] == "issues" else None
-            shown = queue[(q["page"] - 1) * PAGE_SIZE:q["page"] * PAGE_SIZE]
-            reviewed = reviewed_ids(session, queue)
-            tiles = _tiles(session, shown, run_id, audit_id, reviewed)
+            tiles = _tiles(session, shown, run_id, audit_id, reviewed_ids(session, shown))
     except FastclassError as exc:
         return PlainTextResponse(f"Error: {exc}", status_code=400)
     title = f"{q['label'] or 'all labels'} · {q['status']} · order {q['order']}" + (
         f" · run {q['run']}" if q["run"] else "")
-    return _page(request, title, q, [{"title": None, "tiles": tiles}], len(queue), len(reviewed),
-                 max(1, -(-len(queue) // PAGE_SIZE)))
+    return _page(request, title, q, [{"title": None, "tiles": tiles}], total, reviewed,
+                 max(1, -(-total // PAGE_SIZE)))
 
 
 def groups(request: Request) -> Response:
