@@ -258,6 +258,14 @@ def test_group_and_snapshot_views_show_their_sections(catalog, tmp_path):
         status, page = http(f"{server.url}")
         assert status == 200 and 'href="/snapshot/v1"' in page and 'href="/groups"' in page
         assert http(f"{server.url}snapshot/nope")[0] == 404
+        thumb = f"{server.url}thumb/{keeper}?s=256"
+        request = urllib.request.Request(thumb)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            etag, cache = response.headers["ETag"], response.headers["Cache-Control"]
+            assert response.headers["Content-Type"] == "image/jpeg" and len(response.read()) > 100
+        assert "immutable" in cache and etag
+        assert http(thumb, headers={"If-None-Match": etag})[0] == 304
+        assert http(f"{server.url}thumb/999999")[0] == 404
         status, page = http(f"{server.url}grid?status=conflict")
         assert status == 200 and len(re.findall(r'class="tile', page)) == 1
         assert re.search(r"claims: seven \(\w+\), zero \(\w+\)", page), page

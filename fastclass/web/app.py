@@ -324,15 +324,17 @@ def thumbnail(request: Request) -> Response:
     size = min(THUMB_SIZES, key=lambda s: abs(s - size))
     try:
         path, sha = gallery.thumbnail(int(request.path_params["image_id"]), size)
+        # An image id always names the same bytes (the store is content-addressed): a thumbnail never changes.
+        headers = {"Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{sha}-{size}"'}
+        if request.headers.get("if-none-match") == headers["ETag"]:
+            return Response(status_code=304, headers=headers)
         # A few kB: read whole here (this handler runs in a worker thread), not streamed chunk by chunk.
         data = path.read_bytes()
     except NotFoundError as exc:
         return PlainTextResponse(str(exc), status_code=404)
     except OSError as exc:
         return PlainTextResponse(f"no thumbnail: {exc.strerror or exc}", status_code=404)
-    # An image id always names the same bytes (the store is content-addressed), so a thumbnail never changes.
-    return Response(data, media_type="image/jpeg", headers={
-        "Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{sha}-{size}"'})
+    return Response(data, media_type="image/jpeg", headers=headers)
 
 
 def original(request: Request) -> Response:
