@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from db.models import Audit, AuditPair, AuditScore, EmbeddingModel, Image, ImageStatus, Label
 from fastclass.catalog import find_audit
 from fastclass.errors import FastclassError
-from trainer.embed import default_model, load_embeddings
+from trainer.vectors import default_model, load_embeddings
 
 LOGISTIC_C = 200.0
 NEIGHBOURS = 10

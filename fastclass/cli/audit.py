@@ -41,7 +41,7 @@ def embed(opts: Options, arch: str, pretrained: bool, weights_file: Path | None,
     """Pooled backbone features for every ok image, stored once per (model, weights, size); a re-run or a
     run after a kill computes only the images without one."""
     if list_models:
-        from trainer.embed import list_models as models
+        from trainer.vectors import list_models as models
 
         with opts.session() as (_, session):
             rows = models(session)
