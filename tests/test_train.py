@@ -243,7 +243,8 @@ def test_the_same_seed_trains_the_same_run(trained):
 
     catalog = open_catalog(trained.location)
     with pytest.raises(FastclassError, match=rf"^run {run_id} has no per-image losses yet; run `fastclass "
-                                             rf"interpret {run_id}` first$"):
+                                             rf"interpret {run_id}` first \(or train with --folds for "
+                                             r"out-of-fold losses\)$"):
         with catalog.session() as session:
             review_queue(session, order="loss", run=str(run_id))
     catalog.close()
