@@ -13,13 +13,10 @@ from dataclasses import replace
 from typing import Callable
 
 import numpy as np
-from sqlalchemy import delete, insert
 from sqlalchemy.orm import Session
 
 from db.models import FoldLoss
 from trainer.data import SnapshotData
-
-INSERT_CHUNK = 1000
 
 
 def fold_assignment(data: SnapshotData, folds: int, seed: int) -> np.ndarray:
@@ -50,11 +47,10 @@ def record_fold_losses(session: Session, run_id: int, data: SnapshotData, folds:
     """Train one model per fold with `train_fold(k, fold_data)` (fold_data's valid split is fold k; it
     returns the fitted fastai Learner), predict fold k with it, and store every image's out-of-fold
     prediction and loss. Returns the number of images scored."""
-    import torch
+    from trainer.interpret import judge, store_verdicts
 
     fold = fold_assignment(data, folds, seed)
     vocab = list(data.vocab)
-    index = {name: i for i, name in enumerate(vocab)}
     rows = []
     for k in range(folds):
         held_out = fold == k
@@ -63,16 +59,10 @@ def record_fold_losses(session: Session, run_id: int, data: SnapshotData, folds:
               f"{int(held_out.sum())}")
         learn = train_fold(k, fold_data)
         probs, _ = learn.get_preds(dl=learn.dls.valid)
-        probs = probs.float()
         frame = fold_data.frame[held_out]
-        targets = torch.tensor([index[name] for name in frame.label])
-        losses = -torch.log(probs[torch.arange(len(targets)), targets].clamp_min(1e-12))
-        best, predicted = probs.max(dim=1)
+        _, losses, best, predicted = judge(probs.float(), frame.label, vocab)
         rows += [{"run_id": run_id, "image_id": int(image_id), "fold": k, "label": label,
                   "predicted": vocab[int(p)], "probability": float(b), "loss": float(loss)}
                  for image_id, label, p, b, loss in zip(frame.image_id, frame.label, predicted, best, losses)]
-    session.execute(delete(FoldLoss).where(FoldLoss.run_id == run_id))
-    for start in range(0, len(rows), INSERT_CHUNK):
-        session.execute(insert(FoldLoss), rows[start:start + INSERT_CHUNK])
-    session.commit()
+    store_verdicts(session, FoldLoss, run_id, rows)
     return len(rows)

@@ -69,6 +69,26 @@ def probabilities(learn, frame, tta: bool = False):
     return learn.get_preds(dl=dl)[0]
 
 
+def judge(probs, labels, vocab: list[str]) -> tuple:
+    """(targets, losses, best probabilities, predicted class indices) of class probabilities against the
+    given labels: each image's loss is -log of the probability of its own label."""
+    import torch
+
+    index = {name: i for i, name in enumerate(vocab)}
+    targets = torch.tensor([index[name] for name in labels])
+    losses = -torch.log(probs[torch.arange(len(targets)), targets].clamp_min(1e-12))
+    best, predicted = probs.max(dim=1)
+    return targets, losses, best, predicted
+
+
+def store_verdicts(session: Session, table, run_id: int, rows: list[dict]) -> None:
+    """Replace a run's rows in `table` (run_losses or fold_losses) with `rows`, in one transaction."""
+    session.execute(delete(table).where(table.run_id == run_id))
+    for start in range(0, len(rows), INSERT_CHUNK):
+        session.execute(insert(table), rows[start:start + INSERT_CHUNK])
+    session.commit()
+
+
 def interpret_run(session: Session, store: Store, run_ref: str, out_dir: Path | None = None,
                   top: int = 20, device: str = "cpu") -> InterpretResult:
     """Predict every image of the run's snapshot, store each image's loss, write the reports to out_dir."""
@@ -85,19 +105,13 @@ def interpret_run(session: Session, store: Store, run_ref: str, out_dir: Path | 
     if unknown:
         raise FastclassError(f"snapshot {snapshot.name!r} has labels the run's model does not know: {unknown[:5]}")
     probs = probabilities(learn, data.frame).float()
-    index = {name: i for i, name in enumerate(vocab)}
-    targets = torch.tensor([index[name] for name in data.frame.label])
-    losses = -torch.log(probs[torch.arange(len(targets)), targets].clamp_min(1e-12))
-    best, predicted = probs.max(dim=1)
+    targets, losses, best, predicted = judge(probs, data.frame.label, vocab)
 
     rows = [{"run_id": run.id, "image_id": int(image_id), "is_valid": bool(is_valid), "label": label,
              "predicted": vocab[int(p)], "probability": float(b), "loss": float(loss)}
             for image_id, is_valid, label, p, b, loss in zip(data.frame.image_id, data.frame.is_valid, data.frame.label,
                                                              predicted, best, losses)]
-    session.execute(delete(RunLoss).where(RunLoss.run_id == run.id))
-    for start in range(0, len(rows), INSERT_CHUNK):
-        session.execute(insert(RunLoss), rows[start:start + INSERT_CHUNK])
-    session.commit()
+    store_verdicts(session, RunLoss, run.id, rows)
 
     valid = torch.tensor(data.frame.is_valid.to_numpy())
     confusion = torch.zeros(len(vocab), len(vocab), dtype=torch.long)

@@ -567,14 +567,8 @@ def _fold_losses(session: Session, run_id: int, config: TrainConfig, data, spec,
         if fp16:
             learn.to_fp16()
         learn.freeze()
-        current = (phases[0].size, phases[0].bs)
-        for phase in phases:
-            if phase.name == "unfrozen":
-                learn.unfreeze()
-            if (phase.size, phase.bs) != current:
-                learn.dls = dataloaders(phase.size, phase.bs, source=fold_data)
-                current = (phase.size, phase.bs)
-            learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start)
+        _fit_phases(learn, phases, None, lambda size, bs: dataloaders(size, bs, source=fold_data), distributed=False,
+                    cuda=device.type == "cuda")
         learn.to_fp32()
         return learn
 
@@ -587,12 +581,14 @@ def _exported_row(config: TrainConfig, tracker: _Tracker) -> EpochRow:
     return tracker.rows[-1]
 
 
-def _fit_phases(learn, phases: list[Phase], tracker: _Tracker, dataloaders, distributed: bool, cuda: bool) -> None:
+def _fit_phases(learn, phases: list[Phase], tracker: _Tracker | None, dataloaders, distributed: bool,
+                cuda: bool) -> None:
     """Each phase in turn; the epochs a resumed run completed are skipped (fastai's start_epoch keeps the
-    one-cycle schedule where it was)."""
+    one-cycle schedule where it was). Without a tracker (a fold model) nothing is recorded and every phase
+    runs to its end."""
     import contextlib
 
-    done = tracker.state.epochs
+    done = tracker.state.epochs if tracker is not None else 0
     current = (phases[0].size, phases[0].bs) if phases else None
     with data_parallel(learn, cuda) if distributed else contextlib.nullcontext():
         for phase in phases:
@@ -605,9 +601,9 @@ def _fit_phases(learn, phases: list[Phase], tracker: _Tracker, dataloaders, dist
                 learn.dls = dataloaders(phase.size, phase.bs)
                 current = (phase.size, phase.bs)
             learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start, start_epoch=done,
-                                cbs=[_epoch_callback(tracker, phase.name, phase.size)])
+                                cbs=[_epoch_callback(tracker, phase.name, phase.size)] if tracker is not None else [])
             done = 0
-            if tracker.stopped_early:
+            if tracker is not None and tracker.stopped_early:
                 break
 
 
