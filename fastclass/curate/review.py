@@ -355,8 +355,8 @@ def loss_table(session: Session, run_id: int) -> type[FoldLoss] | type[RunLoss]:
 def run_with_losses(session: Session, run: str) -> int:
     """The id of a training run with per-image losses (`train --folds` or `interpret`)."""
     found = find_run(session, run)
-    table = loss_table(session, found.id)
-    if session.scalar(select(table.image_id).where(table.run_id == found.id).limit(1)) is None:
+    if loss_table(session, found.id) is RunLoss and session.scalar(
+            select(RunLoss.image_id).where(RunLoss.run_id == found.id).limit(1)) is None:
         raise FastclassError(f"run {found.id} has no per-image losses yet; run `fastclass interpret {found.id}` first "
                              "(or train with --folds for out-of-fold losses)")
     return found.id
