@@ -232,11 +232,16 @@ def _page(request: Request, title: str, q: dict, sections: list[dict], total: in
           pages: int) -> Response:
     gallery: Gallery = request.app.state.gallery
     with gallery.catalog.session() as session:
-        digits = relabel_digits(session)
-        names = sorted(label_names(session).values())
+        keys = _keys(session, gallery)
     return templates.TemplateResponse(request, "grid.html", {
-        "title": title, "q": q, "sections": sections, "total": total, "reviewed": reviewed, "pages": pages,
-        "digits": digits, "labels": names, "csrf": gallery.csrf, "live_ms": LIVE_MS})
+        "title": title, "q": q, "sections": sections, "total": total, "reviewed": reviewed, "pages": pages, **keys})
+
+
+def _keys(session, gallery: Gallery) -> dict:
+    """What a page with the gallery's keys needs: relabel digits, label names for `r`, the CSRF secret and
+    how often to follow the catalog."""
+    return {"digits": relabel_digits(session), "labels": sorted(label_names(session).values()),
+            "csrf": gallery.csrf, "live_ms": LIVE_MS}
 
 
 def grid(request: Request) -> Response:
@@ -310,12 +315,10 @@ def image_view(request: Request) -> Response:
         with gallery.catalog.session() as session:
             story = image_story(session, str(image_id), gallery.catalog.store)
             tile = _states(session, [image_id])[0]
-            digits = relabel_digits(session)
-            names = sorted(label_names(session).values())
+            keys = _keys(session, gallery)
     except NotFoundError as exc:
         return PlainTextResponse(f"Error: {exc}", status_code=404)
-    return templates.TemplateResponse(request, "image.html", {
-        "s": story, "tile": tile, "digits": digits, "labels": names, "csrf": gallery.csrf, "live_ms": LIVE_MS})
+    return templates.TemplateResponse(request, "image.html", {"s": story, "tile": tile, **keys})
 
 
 def thumbnail(request: Request) -> Response:
