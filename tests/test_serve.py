@@ -22,9 +22,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DIGITS = {"zero": 0, "one": 1, "seven": 7}
 
 
-@pytest.fixture
-def catalog(tmp_path) -> str:
-    location = str(tmp_path / "catalog.db")
+def digits_catalog(location: str, tmp_path) -> str:
+    """Six verified digits per label in a new catalog at `location`, its store in tmp_path."""
     init_catalog(location, str(tmp_path / "images"))
     opened = open_catalog(location)
     try:
@@ -36,15 +35,13 @@ def catalog(tmp_path) -> str:
 
 
 @pytest.fixture
+def catalog(tmp_path) -> str:
+    return digits_catalog(str(tmp_path / "catalog.db"), tmp_path)
+
+
+@pytest.fixture
 def pg_catalog(pg_database, tmp_path) -> str:
-    init_catalog(pg_database, str(tmp_path / "images"))
-    opened = open_catalog(pg_database)
-    try:
-        add_images(opened, tmp_path / "in", digit_images(DIGITS, 6))
-    finally:
-        opened.close()
-    assert run_cli(["verify"], pg_database).exit_code == 0
-    return pg_database
+    return digits_catalog(pg_database, tmp_path)
 
 
 @contextmanager
