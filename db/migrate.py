@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
-HEAD_REVISION = "0011"
+HEAD_REVISION = "0012"
 """The newest revision in migrations/versions (a test keeps the two equal)."""
 
 
@@ -68,7 +68,20 @@ def check_schema(engine: Engine) -> SchemaState:
     return SchemaState.OUTDATED if current in known else SchemaState.NEWER
 
 
-def upgrade_to_head(engine: Engine) -> None:
+QUEUE_PREFIX = "procrastinate_"
+"""procrastinate's tables, types and functions (its schema, applied by migration 0012 on PostgreSQL)."""
+
+
+def ours(name: str | None, type_: str, parent_names: dict) -> bool:
+    """Whether a database object belongs to fastclass's models (alembic's include_name): procrastinate's
+    tables are created by a migration but are not ours to compare with the models."""
+    return not (type_ == "table" and name is not None and name.startswith(QUEUE_PREFIX))
+
+
+def upgrade_to_head(engine: Engine) -> list[str]:
+    """Upgrade to the newest schema; returns what the migrations had to tell (e.g. queued jobs moved)."""
     from alembic import command
 
-    command.upgrade(alembic_config(engine), "head")
+    config = alembic_config(engine)
+    command.upgrade(config, "head")
+    return list(config.attributes.get("notes", []))

@@ -98,11 +98,11 @@ class CrawlJob(Base):
     finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
     last_error: Mapped[Optional[str]] = mapped_column(Text)
     engine_stats: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
-    # Queued jobs (`crawl --queue`) are claimed by `fastclass worker`s, which hold them by a lease they renew;
-    # a job whose lease ran out (its worker died) is claimed again.
     worker: Mapped[Optional[str]] = mapped_column(String(200))
-    lease_until: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
-    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """The `fastclass worker` that last ran this job (queued crawls only)."""
+    queue_job_id: Mapped[Optional[int]] = mapped_column(BigInteger, index=True)
+    """The procrastinate job that carries a queued crawl (`crawl --queue`, PostgreSQL only): its status,
+    attempts and schedule live in procrastinate_jobs."""
 
 
 class Image(Base):

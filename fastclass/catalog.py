@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -112,6 +112,8 @@ class InitResult:
     store: Path | str
     created: bool
     upgraded: bool
+    notes: list[str] = field(default_factory=list)
+    """What the upgrade's migrations reported (queued jobs carried over or marked interrupted)."""
 
 
 def _check_sqlite_parent(location: str) -> None:
@@ -133,8 +135,9 @@ def init_catalog(location: str, store: str | None = None) -> InitResult:
         state = check_schema(engine)
         if state is SchemaState.NEWER:
             raise FastclassError(_newer_message(location))
+        notes = []
         if state is not SchemaState.CURRENT:
-            upgrade_to_head(engine)
+            notes = upgrade_to_head(engine)
         with session_scope(engine) as session:
             configured = session.get(Setting, STORE_SETTING)
             images = session.scalar(select(func.count()).select_from(Image))
@@ -160,7 +163,7 @@ def init_catalog(location: str, store: str | None = None) -> InitResult:
     finally:
         engine.dispose()
     return InitResult(location, store_path, created=state is SchemaState.EMPTY,
-                      upgraded=state is SchemaState.OUTDATED)
+                      upgraded=state is SchemaState.OUTDATED, notes=notes)
 
 
 def _store_exists(store: Store) -> bool:

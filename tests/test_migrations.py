@@ -7,7 +7,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
 from db import SchemaState, check_schema, open_engine, upgrade_to_head
-from db.migrate import HEAD_REVISION, alembic_config, head_revision
+from db.migrate import HEAD_REVISION, alembic_config, head_revision, ours
 from db.models import Base
 from fastclass.catalog import catalog_url
 from tests.helpers import run_cli
@@ -19,7 +19,7 @@ def test_empty_database_upgraded_to_head_matches_models(catalog_location):
     upgrade_to_head(engine)
     assert check_schema(engine) is SchemaState.CURRENT
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True, "include_name": ours}), Base.metadata)
     engine.dispose()
     assert diff == []
 

@@ -17,6 +17,8 @@ def init(opts: Options, store: str | None) -> None:
     result = init_catalog(opts.location, store)
     what = "created" if result.created else "upgraded" if result.upgraded else "up to date:"
     click.echo(f"Catalog {what} {opts.location} (image store {result.store})")
+    for note in result.notes:
+        click.echo(f"  {note}")
 
 
 @cli.command()
