@@ -7,3 +7,7 @@ class FastclassError(Exception):
 
 class NotFoundError(FastclassError):
     """A named thing (folder, label, image, job) does not exist."""
+
+
+class StopRequested(Exception):
+    """A worker shutting down asked the job to stop (not a failure); what the job did so far is kept."""

@@ -27,6 +27,14 @@ HANG_HOOK_ENV = "FASTCLASS_TEST_HANG_ON"
 def _worker_init() -> None:
     # Only the parent handles Ctrl-C; a worker must also die when its parent is killed (no orphan writers).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent running an asyncio loop (`fastclass worker`) has its SIGTERM handled through a wakeup fd that
+    # a forked worker inherits: the SIGTERM that stops this worker would otherwise reach the parent's loop
+    # as its own and stop it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # not the main thread of the interpreter: no wakeup fd was inherited here
+        pass
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["crawl", "ingest", "curate", "dataset", "web", "cli"]
+STAGES = ["crawl", "ingest", "curate", "dataset", "web", "queue", "cli"]
 # What each stage may import besides the shared modules (an image walks crawl -> ingest -> curate -> dataset).
 MAY_IMPORT = {"crawl": {"ingest"}, "ingest": set(), "curate": {"ingest"}, "dataset": {"curate", "ingest"},
-              "web": {"curate", "dataset", "ingest"}, "cli": set(STAGES)}
+              "web": {"curate", "dataset", "ingest"}, "queue": {"crawl", "curate", "ingest"}, "cli": set(STAGES)}
 
 
 def imported_modules(path: Path) -> set[str]:

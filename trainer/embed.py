@@ -96,10 +96,28 @@ def _collate(batch):
     return batch
 
 
+def _model_row(session: Session, row: EmbeddingModel) -> EmbeddingModel:
+    """Record a new embedding model; when another process (a queued chunk on another worker) recorded the
+    same one first, use theirs."""
+    from sqlalchemy.exc import IntegrityError
+
+    session.add(row)
+    try:
+        session.commit()
+        return row
+    except IntegrityError:
+        session.rollback()
+        return session.scalars(select(EmbeddingModel).where(
+            EmbeddingModel.arch == row.arch, EmbeddingModel.weights == row.weights,
+            EmbeddingModel.size == row.size)).one()
+
+
 def embed_images(session: Session, store: Store, arch: str = "resnet34", weights: str = PRETRAINED,
                  size: int = 224, bs: int = 64, device: str = "auto", label: str | None = None,
-                 workers: int = 0, progress: Callable[[int, int, str], None] | None = None) -> EmbedResult:
-    """Vectors for the `ok` images (of `label`) that have none under this model yet; committed per batch."""
+                 workers: int = 0, progress: Callable[[int, int, str], None] | None = None,
+                 id_range: tuple[int, int] | None = None) -> EmbedResult:
+    """Vectors for the `ok` images (of `label`, with an id in `id_range` for a queued chunk) that have none
+    under this model yet; committed per batch."""
     import torch
 
     if weights == NO_WEIGHTS:
@@ -115,6 +133,8 @@ def embed_images(session: Session, store: Store, arch: str = "resnet34", weights
     query = select(Image.id, Image.store_path).where(Image.status == ImageStatus.OK.value).order_by(Image.id)
     if label is not None:
         query = query.where(Image.label_id == existing_label_id(session, label))
+    if id_range is not None:
+        query = query.where(Image.id.between(*id_range))
     in_scope = session.execute(query).all()
     model_row = session.scalar(select(EmbeddingModel).where(
         EmbeddingModel.arch == spec.name, EmbeddingModel.weights == key, EmbeddingModel.size == size))
@@ -122,13 +142,14 @@ def embed_images(session: Session, store: Store, arch: str = "resnet34", weights
     if model_row is not None:
         done = set(session.scalars(select(Embedding.image_id).where(Embedding.model_id == model_row.id)))
     todo = [(row.id, row.store_path) for row in in_scope if row.id not in done]
+    if model_row is not None and not todo:  # nothing to compute: no need to build the model (a chunk re-run)
+        return EmbedResult(model_row.id, spec.name, model_row.weights_loaded, size, model_row.dim, str(torch_device),
+                           len(in_scope), already=len(in_scope))
     started = time.monotonic()
     body = build_body(spec, weights)
     if model_row is None:
-        model_row = EmbeddingModel(arch=spec.name, weights=key, weights_loaded=body.weights, size=size,
-                                   dim=body.features)
-        session.add(model_row)
-        session.commit()
+        model_row = _model_row(session, EmbeddingModel(arch=spec.name, weights=key, weights_loaded=body.weights,
+                                                       size=size, dim=body.features))
     result = EmbedResult(model_row.id, spec.name, body.weights, size, model_row.dim, str(torch_device),
                          len(in_scope), already=len(in_scope) - len(todo))
     missing = set(store.missing(path for _, path in todo))

@@ -34,10 +34,15 @@ SHOWN = 20  # rows per list in the text output; --json has them all
               help="Processes decoding images (0: in this process, best on a CPU-only machine).")
 @click.option("--label", help="Only this label's images.")
 @click.option("--list", "list_models", is_flag=True, help="List the embedding models and how many images each has.")
+@click.option("--queue", "enqueue", is_flag=True,
+              help="Only queue the images in chunks, for `fastclass worker`s (e.g. `--queues embed` on GPU "
+                   "machines) to embed (PostgreSQL catalogs).")
+@click.option("--chunk", type=click.IntRange(1), default=2000, show_default=True,
+              help="With --queue: images per queued job.")
 @json_option("result")
 @pass_options
 def embed(opts: Options, arch: str, pretrained: bool, weights_file: Path | None, size: int, bs: int, device: str,
-          workers: int, label: str | None, list_models: bool, as_json: bool) -> None:
+          workers: int, label: str | None, list_models: bool, enqueue: bool, chunk: int, as_json: bool) -> None:
     """Pooled backbone features for every ok image, stored once per (model, weights, size); a re-run or a
     run after a kill computes only the images without one."""
     if list_models:
@@ -57,9 +62,21 @@ def embed(opts: Options, arch: str, pretrained: bool, weights_file: Path | None,
     if pretrained and weights_file is not None:
         raise click.UsageError("--pretrained and --weights contradict each other")
     from trainer.archs import PRETRAINED
-    from trainer.embed import embed_images
 
     weights = str(weights_file.resolve()) if weights_file else PRETRAINED
+    if enqueue:
+        from fastclass.cli.curate import _echo_queued
+        from fastclass.queue import EMBED_TASK
+        from fastclass.queue.tasks import embed_ids, enqueue_chunks
+
+        with opts.session() as (catalog, session):
+            ids = embed_ids(session, label)
+            chunks = enqueue_chunks(catalog, session, EMBED_TASK, ids, chunk, arch=arch, weights=weights, size=size,
+                                    bs=bs, device=device, label=label)
+        _echo_queued(chunks, len(ids), "embed", as_json)
+        return
+    from trainer.embed import embed_images
+
     update, finish = progress_reporter(opts, "Embedding")
     try:
         with opts.session() as (catalog, session):

@@ -47,7 +47,7 @@ def _parse_bytes(text: str) -> int:
 @click.option("--max-failures", type=click.IntRange(1), default=30, show_default=True,
               help="Stop an engine after this many downloads in a row failed.")
 @click.option("--queue", "enqueue", is_flag=True,
-              help="Only queue the job(s), for `fastclass worker`s on any machine to run.")
+              help="Only queue the job(s), for `fastclass worker`s on any machine to run (PostgreSQL catalogs).")
 @click.option("--allow-private", is_flag=True,
               help="Also fetch from loopback, private and link-local addresses (intranets, local test servers).")
 @click.option("--license", "license_", type=click.Choice(LICENSES), default="any", show_default=True,
@@ -72,7 +72,7 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
     if sum(bool(x) for x in (query, from_csv, resume)) > 1:
         raise click.UsageError("give one of QUERY, --from FILE.csv or --resume")
     if enqueue and resume:
-        raise click.UsageError("--queue and --resume cannot be used together (workers retry queued jobs themselves)")
+        raise click.UsageError("--queue and --resume cannot be used together (the queue retries its jobs itself)")
     if enqueue and allow_private:
         raise click.UsageError("--allow-private is the worker's choice: pass it to `fastclass worker`, not --queue")
     engine_list = list(engines) or (["greedy"] if pages else ["urls"] if urls_file else list(DEFAULT_ENGINES))
@@ -103,9 +103,10 @@ def crawl(opts: Options, query: str | None, label: str | None, engines: tuple[st
             click.echo("Nothing to resume: every crawl finished.", err=True)
         log_dir = catalog.work_dir / "logs"
         if enqueue:
-            from fastclass.crawl.jobqueue import enqueue_crawl
+            from fastclass.queue.tasks import enqueue_crawls
 
-            queued = [(enqueue_crawl(session, options), options) for _, options in planned]
+            runs = [options for _, options in planned]
+            queued = list(zip(enqueue_crawls(catalog, session, runs), runs)) if runs else []
             planned = []
         for resumed_from, options in planned:
             update, finish = progress_reporter(opts, f"Crawling {options.label}")
@@ -174,22 +175,35 @@ def jobs(ctx: click.Context, limit: int | None, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from fastclass.crawl.jobs import list_jobs
+    from fastclass.queue import other_work
     from fastclass.text import printable
 
     opts = ctx.find_object(Options)
     with opts.session() as (_, session):
         rows = list_jobs(session, limit)
+        other = other_work(session)
     if as_json:
         echo_json(rows)
         return
     if not rows:
         click.echo("No crawl jobs yet.")
     for row in rows:
-        worker = f"  worker {row['worker']} (attempt {row['attempts']})" if row["worker"] else ""
-        click.echo(f"{row['id']:5d} {row['status']:11s} {str(row['label'])[:24]:24s} new {row['new']:5d}/"
-                   f"{row['max'] or '?'}  found {row['found']:5d}  dupes {row['exact_duplicates']:4d}  "
-                   f"rejected {row['rejected']:4d}  [{row['engines']}] {row['started_at']:%Y-%m-%d %H:%M}{worker}"
-                   + (f"\n      last error: {printable(row['last_error'])}" if row['last_error'] else ""))
+        click.echo(printable(_job_line(row)))
+        if row["last_error"] and row["status"] != "done":
+            click.echo("      last error: " + printable(row["last_error"]))
+    if other:
+        click.echo("Other queued work: " + "; ".join(f"{w['task']} {w['status']} {w['jobs']}" for w in other))
+
+
+def _job_line(row: dict) -> str:
+    line = (f"{row['id']:5d} {row['status']:11s} {str(row['label'])[:24]:24s} new {row['new']:5d}/"
+            f"{row['max'] or '?'}  found {row['found']:5d}  dupes {row['exact_duplicates']:4d}  "
+            f"rejected {row['rejected']:4d}  [{row['engines']}] {row['started_at']:%Y-%m-%d %H:%M}")
+    if row["worker"]:
+        line += f"  worker {row['worker']} (run {row['runs']})"
+    if row["next_try"] is not None and row["runs"]:
+        line += f"  next try {row['next_try']:%H:%M:%S}"
+    return line
 
 
 @jobs.command("show")
@@ -221,44 +235,82 @@ def jobs_show(opts: Options, job_id: int, as_json: bool) -> None:
         click.echo(printable(f"  last problem: {row['last_error']}"))
 
 
+@jobs.command("cancel")
+@click.argument("job_id", type=ROW_ID, metavar="ID")
+@pass_options
+def jobs_cancel(opts: Options, job_id: int) -> None:
+    """Cancel a queued crawl job; a running one is stopped by its worker (its work so far kept, no retry)."""
+    from fastclass.queue.tasks import cancel_crawl
+
+    with opts.session() as (catalog, session):
+        outcome = cancel_crawl(catalog, session, job_id)
+    click.echo(f"Cancelled crawl job {job_id}." if outcome == "cancelled" else
+               f"Asked the worker running crawl job {job_id} to stop it; it ends aborted, its work so far kept.")
+
+
 @cli.command()
 @click.option("--concurrency", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Crawl jobs run at once by this worker.")
+              help="Jobs run at once by this worker.")
+@click.option("--queues", "queues", multiple=True, metavar="NAME[,NAME]",
+              help="Only these queues: crawl, verify, embed, engines (repeatable) [default: all].")
 @click.option("--name", metavar="NAME", help="This worker's name in `fastclass jobs` [default: host:pid].")
-@click.option("--lease", type=click.FloatRange(3), default=60.0, show_default=True,
-              help="Seconds a job stays claimed without a heartbeat before another worker may take it over.")
-@click.option("--poll", type=click.FloatRange(0.1), default=2.0, show_default=True,
-              help="Seconds between looks at an empty queue.")
-@click.option("--until-empty", is_flag=True, help="Stop when no job is queued or running anywhere.")
+@click.option("--until-empty", is_flag=True,
+              help="Stop when no job of these queues is queued, waiting for a retry or running anywhere.")
 @click.option("--allow-private", is_flag=True,
               help="Let this worker's jobs fetch from loopback, private and link-local addresses.")
+@click.option("--stalled-after", type=click.FloatRange(3), default=30.0, show_default=True,
+              help="Seconds without a heartbeat (every worker sends one a second) after which a worker counts as "
+                   "dead and its jobs are queued again.")
+@click.option("--retries", type=click.IntRange(0, 100), default=3, show_default=True,
+              help="Times a failing job runs again before it is failed.")
+@click.option("--retry-wait", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Seconds before the first retry of a failed job; each further retry waits twice as long.")
+@click.option("--check-engines", metavar="CRON",
+              help="Also run the engines' canary check on this schedule, e.g. '0 * * * *' (hourly); every worker "
+                   "may give it, it runs once per time.")
+@click.option("--check-only", "check_only", multiple=True, metavar="ENGINE",
+              help="With --check-engines: check only this engine (repeatable) [default: every checkable one].")
+@click.option("--engine-url", "engine_urls", multiple=True, metavar="ENGINE=BASE_URL",
+              help="With --check-engines: send an engine's canary requests to a mirror or proxy (repeatable).")
+@click.option("--poll", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              help="Seconds between looks at the queue when no notification came.")
 @click.option("--json", "as_json", is_flag=True, help="At the end, print the jobs this worker ran as JSON.")
 @pass_options
-def worker(opts: Options, concurrency: int, name: str | None, lease: float, poll: float, until_empty: bool,
-           allow_private: bool, as_json: bool) -> None:
-    """Run queued crawl jobs (`crawl --queue`) from the catalog; start any number, on any machine."""
-    from fastclass.crawl.jobqueue import run_worker
+def worker(opts: Options, concurrency: int, queues: tuple[str, ...], name: str | None, until_empty: bool,
+           allow_private: bool, stalled_after: float, retries: int, retry_wait: float, check_engines: str | None,
+           check_only: tuple[str, ...], engine_urls: tuple[str, ...], poll: float, as_json: bool) -> None:
+    """Run queued jobs (`crawl --queue`, `verify --queue`, `embed --queue`, `engines check --queue`) from a
+    PostgreSQL catalog; start any number, on any machine. Ctrl-C puts a running job back in the queue."""
+    from fastclass.crawl.options import parse_engine_urls
+    from fastclass.queue.worker import WorkerOptions, run_worker
+    from fastclass.text import printable
 
-    def on_job(report) -> None:
-        from fastclass.text import printable
+    if (engine_urls or check_only) and not check_engines:
+        raise click.UsageError("--check-only and --engine-url are for the periodic engines check: give "
+                               "--check-engines CRON too")
+    from fastclass.crawl.engines import get_engine
 
+    for name in check_only:
+        get_engine(name)
+    chosen = [q.strip() for value in queues for q in value.split(",") if q.strip()] or None
+    options = WorkerOptions(name=name, queues=chosen, concurrency=concurrency, until_empty=until_empty,
+                            allow_private=allow_private, stalled_after=stalled_after, retries=retries,
+                            retry_wait=retry_wait, check_engines=check_engines, check_only=list(check_only),
+                            engine_urls=parse_engine_urls(list(engine_urls)), poll=poll)
+
+    def on_job(line: str) -> None:
         if not as_json:
-            click.echo(f"Crawl job {report.job_id} {report.status}: {report.label}: {report.new_images} new, "
-                       f"{report.exact_duplicates} already known, {sum(report.rejected.values())} rejected, "
-                       f"{sum(report.failed.values())} failed; {report.seconds:.1f} s")
-        for problem in report.problems:
-            click.echo(printable(f"Warning: job {report.job_id}: {problem}"), err=True)
+            click.echo(printable(line))
 
     catalog = opts.open()
     try:
-        result = run_worker(catalog, catalog.work_dir / "logs", name, concurrency, lease, poll,
-                            until_empty, on_job, allow_private)
+        result = run_worker(catalog, options, on_job)
     finally:
         catalog.close()
     if as_json:
         echo_json(result.as_dict())
-    for message in result.errors:
-        click.echo(f"Warning: {message}", err=True)
+    elif result.stopped_by_signal:
+        click.echo(f"Stopped; {len(result.lines)} job(s) run, a running one was put back in the queue.", err=True)
 
 
 @cli.group(invoke_without_command=True)
@@ -291,16 +343,35 @@ def engines(ctx: click.Context, as_json: bool) -> None:
               help="Seconds to wait for a server to answer or send more data.")
 @click.option("--allow-private", is_flag=True,
               help="Also fetch from loopback, private and link-local addresses.")
+@click.option("--queue", "enqueue", is_flag=True,
+              help="Only queue the check, for a `fastclass worker` to run (PostgreSQL catalogs; workers run it "
+                   "on a schedule with --check-engines CRON).")
 @json_option("results")
 @pass_options
 def engines_check(opts: Options, names: tuple[str, ...], query: str, engine_urls: tuple[str, ...], timeout: float,
-                  allow_private: bool, as_json: bool) -> None:
+                  allow_private: bool, enqueue: bool, as_json: bool) -> None:
     """Run one small canary query per engine [default: every engine that needs no --url or --urls]: results
     on pages 1 and 2, a sample of 10 downloaded and decoded; verdict ok, degraded or broken, recorded."""
     from fastclass.crawl.health import check_engines, checkable_engines
     from fastclass.crawl.options import CrawlOptions, parse_engine_urls
     from fastclass.text import printable
 
+    if enqueue:
+        if allow_private:
+            raise click.UsageError("--allow-private is the worker's choice: pass it to `fastclass worker`, not --queue")
+        from fastclass.crawl.engines import get_engine
+        from fastclass.queue.tasks import enqueue_engines_check
+
+        for name in names:
+            get_engine(name)
+        with opts.session() as (catalog, session):
+            job_id = enqueue_engines_check(catalog, session, engines=list(names) or None, query=query,
+                                           engine_urls=parse_engine_urls(list(engine_urls)), timeout=timeout)
+        if as_json:
+            echo_json({"queued_job": job_id})
+        else:
+            click.echo(f"Queued the engines check as job {job_id}; `fastclass worker` runs it.")
+        return
     chosen = list(names) or checkable_engines()
     options = CrawlOptions(query=query, label="canary", engines=chosen,
                            engine_urls=parse_engine_urls(list(engine_urls)), timeout=timeout)

@@ -34,17 +34,35 @@ from fastclass.ingest import MAX_PIXELS
 @click.option("--recheck", is_flag=True, help="Check ok and rejected images again too (after changing the rules).")
 @click.option("--prune", is_flag=True, help="Then remove the files of rejected images (rows stay, status deleted).")
 @click.option("--workers", type=click.IntRange(1, 256), help="Worker processes [default: all cores].")
+@click.option("--queue", "enqueue", is_flag=True,
+              help="Only queue the images in chunks, for `fastclass worker`s to verify (PostgreSQL catalogs).")
+@click.option("--chunk", type=click.IntRange(1), default=500, show_default=True,
+              help="With --queue: images per queued job.")
 @budget_options
 @json_option("result")
 @pass_options
 def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max_aspect: float, animated: str,
-           recheck: bool, prune: bool, workers: int | None, file_timeout: float, file_memory: int,
-           as_json: bool) -> None:
+           recheck: bool, prune: bool, workers: int | None, enqueue: bool, chunk: int, file_timeout: float,
+           file_memory: int, as_json: bool) -> None:
     """Fully decode unverified images; mark each ok or rejected with its reason."""
+    from dataclasses import asdict
+
     from fastclass.curate.verify import VerifyRules, parse_size, prune_rejected, verify_images
 
     width, height = parse_size(min_size)
     rules = VerifyRules(width, height, max_pixels, max_aspect, animated)
+    if enqueue:
+        if prune:
+            raise click.UsageError("--prune runs after verify has finished: run `verify --prune` once the workers are done")
+        from fastclass.queue import VERIFY_TASK
+        from fastclass.queue.tasks import enqueue_chunks, pending_verify_ids
+
+        with opts.session() as (catalog, session):
+            ids = pending_verify_ids(session, recheck, label)
+            chunks = enqueue_chunks(catalog, session, VERIFY_TASK, ids, chunk, rules=asdict(rules), recheck=recheck,
+                                    file_timeout=file_timeout, file_memory=file_memory)
+        _echo_queued(chunks, len(ids), "verify", as_json)
+        return
     update, finish = progress_reporter(opts, "Verifying")
     try:
         with opts.session() as (catalog, session):
@@ -64,6 +82,13 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
         click.echo(f"  {count:6d}  {reason}")
     if result.pruned is not None:
         _echo_prune(result.pruned)
+
+
+def _echo_queued(chunks: list[tuple[int, int]], images: int, what: str, as_json: bool) -> None:
+    if as_json:
+        echo_json({"queued_jobs": len(chunks), "images": images, "chunks": chunks})
+    else:
+        click.echo(f"Queued {len(chunks)} {what} job(s) for {images} image(s); `fastclass worker` runs them.")
 
 
 @cli.command()

@@ -34,7 +34,7 @@ from fastclass.crawl.engines import EngineProblem, EngineRequest, Hit, get_engin
 from fastclass.crawl.fetch import Fetcher, FetchFailed, RewritingSession, Stopped, http_url
 from fastclass.crawl.jobs import job_params
 from fastclass.crawl.options import CrawlOptions
-from fastclass.errors import FastclassError
+from fastclass.errors import FastclassError, StopRequested
 from fastclass.ingest.analyze import ImageFacts, NotAnImage, analyze_bytes, reason_kind
 from fastclass.ingest.hashsearch import near_copies
 from fastclass.ingest.record import (
@@ -601,7 +601,7 @@ def run_crawl(session: Session, store: Store, options: CrawlOptions, log_dir: Pa
     try:
         crawler.run(job, report)
         report.status = "done" if report.new_images or not report.problems else "failed"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopRequested):
         report.status = "interrupted"
         raise
     except BaseException as exc:

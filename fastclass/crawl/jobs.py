@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from db.models import CrawlJob, Label
@@ -23,21 +23,55 @@ def job_params(options: CrawlOptions, resumed_from: int | None = None) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def queue_states(session: Session, queue_job_ids: list[int | None]) -> dict[int, dict]:
+    """procrastinate's view of queued crawl jobs (status, attempts, next run), on PostgreSQL catalogs."""
+    ids = [i for i in queue_job_ids if i is not None]
+    if not ids or session.get_bind().dialect.name != "postgresql":
+        return {}
+    rows = session.execute(text(
+        "SELECT id, status::text AS status, attempts, scheduled_at, worker_id FROM procrastinate_jobs "
+        "WHERE id IN :ids").bindparams(bindparam("ids", expanding=True)), {"ids": ids}).mappings().all()
+    return {row["id"]: dict(row) for row in rows}
+
+
+QUEUE_STATUS = {"todo": "queued", "doing": "running", "succeeded": "done", "failed": "failed",
+                "cancelled": "cancelled", "aborted": "aborted"}
+
+
+def _queued_status(job: CrawlJob, queued: dict | None) -> tuple[str, int, object]:
+    """A queued job's status, runs and next try from procrastinate's row: `retrying` while it waits for
+    another try after a failure, `stalled` while its worker has stopped sending heartbeats."""
+    if queued is None:
+        return job.status, 0, None
+    status, attempts = queued["status"], queued["attempts"]
+    runs = attempts + 1 if status == "doing" else attempts  # procrastinate counts a run when it ends
+    shown = QUEUE_STATUS.get(status, status)
+    if status == "todo" and attempts:
+        shown = "retrying"
+    elif status == "doing" and queued["worker_id"] is None:
+        shown = "stalled"
+    return shown, runs, queued["scheduled_at"] if status == "todo" else None
+
+
 def list_jobs(session: Session, limit: int | None = None) -> list[dict]:
+    """Crawl jobs, newest first; a queued one's status, runs and next try come from the queue."""
     names = dict(session.execute(select(Label.id, Label.name)).all())
     query = select(CrawlJob).order_by(CrawlJob.id.desc())
     if limit:
         query = query.limit(limit)
+    jobs = list(session.scalars(query))
+    queued = queue_states(session, [job.queue_job_id for job in jobs])
     rows = []
-    for job in session.scalars(query):
+    for job in jobs:
         params = json.loads(job.params or "{}")
-        status = job.status
-        if status == "running" and not process_alive(params.get("host"), params.get("pid")):
+        status, runs, next_try = _queued_status(job, queued.get(job.queue_job_id))
+        if job.queue_job_id is None and status == "running" and not process_alive(params.get("host"),
+                                                                                  params.get("pid")):
             status = "interrupted"
         seconds = (job.finished_at - job.started_at).total_seconds() if job.finished_at else None
         engine_stats = json.loads(job.engine_stats or "{}")
         rows.append({"id": job.id, "query": job.query, "label": names.get(job.label_id), "engines": job.engines,
-                     "worker": job.worker, "attempts": job.attempts,
+                     "queue_job": job.queue_job_id, "worker": job.worker, "runs": runs, "next_try": next_try,
                      "status": status, "found": job.found, "downloaded": job.downloaded, "new": job.new_images,
                      "exact_duplicates": job.exact_duplicates,
                      "near_duplicates": sum(e.get("near_duplicates", 0) for e in engine_stats.values()),
@@ -57,8 +91,8 @@ def jobs_to_resume(session: Session) -> list[tuple[int, CrawlOptions]]:
     todo = []
     for job in latest.values():
         params = json.loads(job.params or "{}")
-        # Queued jobs are the workers' to retry (see fastclass/crawl/jobqueue.py), not --resume's.
-        unfinished = job.worker is None and (
+        # Queued jobs are procrastinate's to retry (see fastclass/queue.py), not --resume's.
+        unfinished = job.queue_job_id is None and (
             job.status == "interrupted" or (job.status == "running" and not process_alive(params.get("host"),
                                                                                      params.get("pid"))))
         if unfinished:

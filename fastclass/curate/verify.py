@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
-from fastclass.errors import FastclassError
+from fastclass.errors import FastclassError, StopRequested
 from fastclass.ingest import MAX_PIXELS
 from fastclass.ingest.analyze import MEMORY_REASON, decode_reason, fits_memory_budget, reason_kind
 from fastclass.labels import existing_label_id
@@ -146,8 +146,9 @@ def _check_task(task: tuple[int, str, str, VerifyRules]) -> Verdict:
 
 def verify_images(session: Session, store: Store, rules: VerifyRules = VerifyRules(), label: str | None = None,
                   recheck: bool = False, workers: int | None = None, progress: Progress | None = None,
-                  budget: Budget = Budget()) -> VerifyResult:
-    """Check pending images (every not-deleted one with recheck); commits every BATCH_SIZE verdicts.
+                  budget: Budget = Budget(), id_range: tuple[int, int] | None = None) -> VerifyResult:
+    """Check pending images (every not-deleted one with recheck), of `label` and with an id in `id_range`
+    (a queued chunk) when given; commits every BATCH_SIZE verdicts.
 
     A verdict is written only if the image is still in the status it had when it was read, so a
     decision or a dedup made while verify runs is never reverted. Each file is decoded in isolation
@@ -159,6 +160,8 @@ def verify_images(session: Session, store: Store, rules: VerifyRules = VerifyRul
     if label is not None:
         label_id = existing_label_id(session, label)
         query = query.where(ImageRow.label_id == label_id)
+    if id_range is not None:
+        query = query.where(ImageRow.id.between(*id_range))
     rows = session.execute(query.order_by(ImageRow.id)).all()
     # End the read: on SQLite a transaction that read before another process wrote cannot write later.
     session.commit()
@@ -179,6 +182,9 @@ def verify_images(session: Session, store: Store, rules: VerifyRules = VerifyRul
                 batch = []
             if progress:
                 progress(done, len(tasks))
+    except StopRequested:  # a worker shutting down: keep the verdicts reached, the rest are checked on a re-run
+        _save(session, batch)
+        raise
     finally:
         pool.close()
     result.changed_meanwhile += _save(session, batch)
