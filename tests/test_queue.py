@@ -375,3 +375,15 @@ def test_a_queued_engines_check_is_run_and_recorded_by_a_worker(pg_database, tmp
         site.close()
     assert result.stdout == "Engines checked: bing ok\n"
     assert catalog_rows(pg_database, "SELECT engine, verdict FROM engine_checks") == [("bing", "ok")]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("args, message", [
+    (["--queues", "crawl,paint"], "Error: no queue named paint; the queues are crawl, verify, embed, engines\n"),
+    (["--check-engines", "every hour"], "Error: --check-engines 'every hour' is not a cron schedule such as "
+                                        "'0 * * * *' (hourly; a 6th field gives seconds)\n"),
+])
+def test_a_worker_refuses_unknown_queues_and_bad_schedules_in_one_line(pg_database, tmp_path, args, message):
+    init_catalog(pg_database, str(tmp_path / "images"))
+    result = run_cli(["worker", "--until-empty", *args], pg_database)
+    assert (result.exit_code, result.stderr) == (1, message)
