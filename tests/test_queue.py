@@ -192,9 +192,12 @@ def test_queued_verify_in_chunks_across_two_workers_gives_the_in_process_verdict
     queued = json.loads(run_cli(["verify", "--queue", "--chunk", "3", "--json"], pg_database).stdout)
     assert (queued["queued_jobs"], queued["images"]) == (4, 11)
     workers = [worker(pg_database, "--queues", "verify", "--until-empty", "--name", f"v{n}") for n in range(2)]
+    lines = []
     for proc in workers:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-2000:]
+        lines += out.splitlines()
+    assert sorted(line.split(":")[0] for line in lines) == sorted(f"Verify {a}-{b}" for a, b in queued["chunks"])
     assert statuses(pg_database) == statuses(local)
     assert catalog_rows(pg_database, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1") == [
         ("succeeded", 4)]
