@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import pytest
 
 from fastclass.catalog import init_catalog, open_catalog
 from tests.helpers import PG_DEFAULT, PG_ENV, libpq_url, pg_server_url
+
+# A suite started in the background by a shell without job control (`make test &` in a script) inherits
+# SIGINT ignored, and so would every command the Ctrl-C tests start: give them back Python's default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
