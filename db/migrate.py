@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
-HEAD_REVISION = "0012"
+HEAD_REVISION = "0013"
 """The newest revision in migrations/versions (a test keeps the two equal)."""
 
 

@@ -486,3 +486,16 @@ class AuditPair(Base):
     image_a: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     image_b: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     similarity: Mapped[float] = mapped_column(Float)
+
+
+class QueueFailure(Base):
+    """The last error of a queued job's latest failed run (PostgreSQL catalogs, `fastclass jobs queue`):
+    procrastinate keeps a job's status and attempts but not why it failed."""
+
+    __tablename__ = "queue_failures"
+
+    queue_job_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    task: Mapped[str] = mapped_column(String(128))
+    worker: Mapped[str] = mapped_column(String(200))
+    error: Mapped[str] = mapped_column(Text)
+    failed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

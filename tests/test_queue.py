@@ -202,7 +202,8 @@ def test_queued_verify_in_chunks_across_two_workers_gives_the_in_process_verdict
     assert catalog_rows(pg_database, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1") == [
         ("succeeded", 4)]
     assert json.loads(run_cli(["verify", "--queue", "--json"], pg_database).stdout)["queued_jobs"] == 0
-    assert "Other queued work: verify succeeded 4" in run_cli(["jobs"], pg_database).stdout
+    assert "Other queued work: verify done 4 (`fastclass jobs queue` lists each job)" in run_cli(
+        ["jobs"], pg_database).stdout
 
 
 @pytest.mark.postgres
@@ -390,3 +391,35 @@ def test_a_worker_refuses_unknown_queues_and_bad_schedules_in_one_line(pg_databa
     init_catalog(pg_database, str(tmp_path / "images"))
     result = run_cli(["worker", "--until-empty", *args], pg_database)
     assert (result.exit_code, result.stderr) == (1, message)
+
+
+@pytest.mark.postgres
+def test_jobs_queue_lists_every_queued_job_with_the_last_error_of_a_failed_one(pg_database, tmp_path):
+    import shutil
+
+    from tests.test_audit import weights
+
+    init_catalog(pg_database, str(tmp_path / "images"))
+    folder = cases(tmp_path / "in")
+    assert run_cli(["import", str(folder)], pg_database).exit_code == 0
+    assert run_cli(["verify", "--queue", "--chunk", "6"], pg_database).exit_code == 0
+    copy = tmp_path / "lite0.pth"
+    shutil.copy(weights(), copy)
+    assert run_cli(["verify"], pg_database).exit_code == 0  # the chunks will find nothing left to check
+    queued = run_cli(["embed", "--arch", "tf_efficientnet_lite0", "--weights", str(copy), "--size", "32",
+                      "--device", "cpu", "--queue"], pg_database)
+    assert queued.exit_code == 0, queued.output
+    copy.unlink()  # the workers cannot read the weights: the embed job fails on each run
+    result = run_cli(["worker", "--until-empty", "--retries", "1", "--retry-wait", "0.1", "--queues", "verify,embed"],
+                     pg_database)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(run_cli(["jobs", "queue", "--json"], pg_database).stdout)
+    [(first, last)] = catalog_rows(pg_database, "SELECT min(id), max(id) FROM images WHERE status = 'ok'")
+    assert [(r["task"], r["status"], r["runs"], r["covers"]) for r in rows] == [
+        ("embed", "failed", 2, f"images {first}-{last}"), ("verify", "done", 1, "images 7-11"),
+        ("verify", "done", 1, "images 1-6")]
+    assert rows[0]["last_error"].startswith("FastclassError: ") and str(copy) in rows[0]["last_error"]
+    assert rows[1]["last_error"] is None
+    shown = run_cli(["jobs", "queue", "--status", "failed"], pg_database).stdout.splitlines()
+    assert shown[0].split() == [str(rows[0]["id"]), "embed", "failed", "runs", "2", "images", f"{first}-{last}"]
+    assert shown[1].startswith("       last error (on ") and str(copy) in shown[1]

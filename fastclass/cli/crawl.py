@@ -192,7 +192,8 @@ def jobs(ctx: click.Context, limit: int | None, as_json: bool) -> None:
         if row["last_error"] and row["status"] != "done":
             click.echo("      last error: " + printable(row["last_error"]))
     if other:
-        click.echo("Other queued work: " + "; ".join(f"{w['task']} {w['status']} {w['jobs']}" for w in other))
+        click.echo("Other queued work: " + "; ".join(f"{w['task']} {w['status']} {w['jobs']}" for w in other)
+                   + " (`fastclass jobs queue` lists each job)")
 
 
 def _job_line(row: dict) -> str:
@@ -233,6 +234,34 @@ def jobs_show(opts: Options, job_id: int, as_json: bool) -> None:
         click.echo(printable(f"  {count:6d}  {reason}"))
     if row["last_error"]:
         click.echo(printable(f"  last problem: {row['last_error']}"))
+
+
+@jobs.command("queue")
+@click.option("--limit", type=COUNT, help="Only the newest N jobs.")
+@click.option("--status", type=click.Choice(["queued", "running", "retrying", "stalled", "done", "failed",
+                                             "cancelled", "aborted"]), help="Only jobs in this state.")
+@json_option("queued jobs")
+@pass_options
+def jobs_queue(opts: Options, limit: int | None, status: str | None, as_json: bool) -> None:
+    """Every queued job (crawls, verify and embed chunks, engine checks), newest first: its state, runs,
+    what it covers and the last error of a failed one (PostgreSQL catalogs)."""
+    from fastclass.queue import list_queue, needs_postgres
+    from fastclass.text import printable
+
+    with opts.session() as (catalog, session):
+        needs_postgres(catalog)
+        rows = list_queue(session, limit, status)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo("No queued jobs" + (f" {status}." if status else "."))
+    for row in rows:
+        when = f"  next try {row['next_try']:%H:%M:%S}" if row["next_try"] and row["runs"] else ""
+        click.echo(f"{row['id']:6d} {row['task']:14s} {row['status']:9s} runs {row['runs']}  "
+                   + printable(row["covers"]) + when)
+        if row["last_error"]:
+            click.echo(f"       last error (on {printable(row['failed_on'])}): {printable(row['last_error'])}")
 
 
 @jobs.command("cancel")

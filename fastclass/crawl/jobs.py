@@ -38,11 +38,10 @@ QUEUE_STATUS = {"todo": "queued", "doing": "running", "succeeded": "done", "fail
                 "cancelled": "cancelled", "aborted": "aborted"}
 
 
-def _queued_status(job: CrawlJob, queued: dict | None) -> tuple[str, int, object]:
-    """A queued job's status, runs and next try from procrastinate's row: `retrying` while it waits for
-    another try after a failure, `stalled` while its worker has stopped sending heartbeats."""
-    if queued is None:
-        return job.status, 0, None
+def queue_status(queued: dict) -> tuple[str, int, object]:
+    """A queued job's status, runs and next try from procrastinate's row (status, attempts, worker_id,
+    scheduled_at): `retrying` while it waits for another try after a failure, `stalled` while its worker
+    has stopped sending heartbeats."""
     status, attempts = queued["status"], queued["attempts"]
     runs = attempts + 1 if status == "doing" else attempts  # procrastinate counts a run when it ends
     shown = QUEUE_STATUS.get(status, status)
@@ -64,7 +63,8 @@ def list_jobs(session: Session, limit: int | None = None) -> list[dict]:
     rows = []
     for job in jobs:
         params = json.loads(job.params or "{}")
-        status, runs, next_try = _queued_status(job, queued.get(job.queue_job_id))
+        state = queued.get(job.queue_job_id)
+        status, runs, next_try = queue_status(state) if state else (job.status, 0, None)
         if job.queue_job_id is None and status == "running" and not process_alive(params.get("host"),
                                                                                   params.get("pid")):
             status = "interrupted"

@@ -18,6 +18,7 @@ SQLite catalogs have no queue: one machine runs every command in-process, and `-
 """
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from sqlalchemy import text
@@ -56,5 +57,48 @@ def other_work(session: Session) -> list[dict]:
         "SELECT task_name, status::text AS status, count(*) AS n FROM procrastinate_jobs "
         "WHERE task_name != :crawl GROUP BY task_name, status ORDER BY task_name, status"),
         {"crawl": CRAWL_TASK}).mappings().all()
-    return [{"task": row["task_name"].removeprefix("fastclass."), "status": row["status"], "jobs": row["n"]}
-            for row in rows]
+    from fastclass.crawl.jobs import QUEUE_STATUS
+
+    return [{"task": row["task_name"].removeprefix("fastclass."), "status": QUEUE_STATUS.get(row["status"],
+                                                                                           row["status"]),
+             "jobs": row["n"]} for row in rows]
+
+
+def _describe(task: str, args: dict) -> str:
+    if task == CRAWL_TASK:
+        return f"crawl job {args.get('crawl_job_id')}"
+    if task in (VERIFY_TASK, EMBED_TASK):
+        return f"images {args.get('first_id')}-{args.get('last_id')}"
+    if task == ENGINES_TASK:
+        engines = args.get("engines")
+        return ("engines " + ", ".join(engines) if engines else "every checkable engine") + (
+            " (periodic)" if args.get("timestamp") else "")
+    return json.dumps(args, sort_keys=True)[:80]
+
+
+def list_queue(session: Session, limit: int | None = None, status: str | None = None) -> list[dict]:
+    """Every queued job of every task, newest first: its state as `jobs` shows it, what it covers, and the
+    last error of its latest failed run (PostgreSQL catalogs; empty on SQLite)."""
+    from fastclass.crawl.jobs import queue_status
+
+    if session.get_bind().dialect.name != "postgresql":
+        return []
+    rows = session.execute(text(
+        "SELECT j.id, j.task_name, j.queue_name, j.status::text AS status, j.attempts, j.scheduled_at, "
+        "j.worker_id, j.args, f.error, f.worker AS failed_on, f.failed_at FROM procrastinate_jobs j "
+        "LEFT JOIN queue_failures f ON f.queue_job_id = j.id WHERE j.task_name LIKE 'fastclass.%' "
+        "ORDER BY j.id DESC")).mappings().all()
+    jobs = []
+    for row in rows:
+        shown, runs, next_try = queue_status(row)
+        if status is not None and shown != status:
+            continue
+        args = row["args"] or {}
+        failed = row["error"] is not None and shown in ("retrying", "failed")
+        jobs.append({"id": row["id"], "task": row["task_name"].removeprefix("fastclass."), "queue": row["queue_name"],
+                     "status": shown, "runs": runs, "next_try": next_try, "covers": _describe(row["task_name"], args),
+                     "args": args, "last_error": row["error"] if failed else None,
+                     "failed_on": row["failed_on"] if failed else None})
+        if limit and len(jobs) >= limit:
+            break
+    return jobs

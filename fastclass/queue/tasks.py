@@ -1,6 +1,7 @@
 """procrastinate's side of fastclass: the tasks workers run, their retry policy, and queueing them."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import CrawlJob, utcnow
+from db.models import CrawlJob, QueueFailure, utcnow
 from fastclass.errors import FastclassError, NotFoundError, StopRequested
 from fastclass.queue import CRAWL_TASK, EMBED_TASK, ENGINES_TASK, VERIFY_TASK, conninfo, needs_postgres
 
@@ -59,16 +60,37 @@ def _stop_check(context) -> Callable[..., None]:
     return check
 
 
-def _aborted(run: Callable[[], Any]) -> Any:
-    """Run a job's body; a stop the worker asked for becomes procrastinate's JobAborted (the job is released)."""
-    from procrastinate.exceptions import JobAborted
+def _job(task: Callable[..., dict]) -> Callable[..., dict]:
+    """A task's body as procrastinate runs it: a stop the worker asked for becomes JobAborted (the job is
+    released), and any failure is recorded with its error (`jobs queue`) before procrastinate retries it."""
 
+    @functools.wraps(task)
+    def run(context, **arguments: Any) -> dict:
+        try:
+            return task(context, **arguments)
+        except StopRequested as exc:
+            from procrastinate.exceptions import JobAborted
+
+            raise JobAborted(str(exc)) from exc
+        except Exception as exc:
+            _record_failure(context, exc)
+            raise
+
+    return run
+
+
+def _record_failure(context, exc: Exception) -> None:
+    state = _state(context)
+    error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:2000]
     try:
-        return run()
-    except StopRequested as exc:
-        raise JobAborted(str(exc)) from exc
+        with state.catalog.session() as session:
+            session.merge(QueueFailure(queue_job_id=context.job.id, task=context.job.task_name, worker=state.name,
+                                       error=error, failed_at=utcnow()))
+    except Exception:  # the catalog itself failing: the worker's log line still says why
+        log.warning("could not record the failure of job %s", context.job.id, exc_info=True)
 
 
+@_job
 def crawl_task(context, crawl_job_id: int) -> dict:
     """Run (or go on with) one queued crawl job; a crawl no engine could deliver for fails, to be retried."""
     from fastclass.crawl.crawler import run_crawl
@@ -85,8 +107,8 @@ def crawl_task(context, crawl_job_id: int) -> dict:
         options = CrawlOptions.from_json(job.params)
         job.status, job.worker, job.started_at, job.finished_at = "running", state.name, utcnow(), None
         session.commit()
-        report = _aborted(lambda: run_crawl(session, catalog.store, options, state.log_dir, _stop_check(context),
-                                            job_id=crawl_job_id, allow_private=state.allow_private))
+        report = run_crawl(session, catalog.store, options, state.log_dir, _stop_check(context), job_id=crawl_job_id,
+                           allow_private=state.allow_private)
     line = (f"Crawl job {report.job_id} {report.status}: {report.label}: {report.new_images} new, "
             f"{report.exact_duplicates} already known, {sum(report.rejected.values())} rejected, "
             f"{sum(report.failed.values())} failed; {report.seconds:.1f} s")
@@ -96,6 +118,7 @@ def crawl_task(context, crawl_job_id: int) -> dict:
     return {"crawl_job": crawl_job_id, "status": report.status, "new": report.new_images}
 
 
+@_job
 def verify_task(context, first_id: int, last_id: int, rules: dict, recheck: bool = False,
                 file_timeout: float = 30.0, file_memory: int = 2048) -> dict:
     """Verify the images of one id chunk that still need it (each verdict compare-and-set, as in-process)."""
@@ -104,14 +127,15 @@ def verify_task(context, first_id: int, last_id: int, rules: dict, recheck: bool
 
     state = _state(context)
     with state.catalog.session() as session:
-        result = _aborted(lambda: verify_images(
-            session, state.catalog.store, VerifyRules(**rules), recheck=recheck, id_range=(first_id, last_id),
-            progress=_stop_check(context), budget=Budget(file_timeout, file_memory)))
+        result = verify_images(session, state.catalog.store, VerifyRules(**rules), recheck=recheck,
+                               id_range=(first_id, last_id), progress=_stop_check(context),
+                               budget=Budget(file_timeout, file_memory))
     state.done(f"Verify {first_id}-{last_id}: {result.checked} checked, {result.ok} ok, "
                f"{sum(result.rejected.values())} rejected")
     return {"checked": result.checked, "ok": result.ok}
 
 
+@_job
 def embed_task(context, first_id: int, last_id: int, arch: str, weights: str, size: int, bs: int,
                device: str = "auto", label: str | None = None) -> dict:
     """Embed the ok images of one id chunk that have no vector under this model yet."""
@@ -119,8 +143,8 @@ def embed_task(context, first_id: int, last_id: int, arch: str, weights: str, si
 
     state = _state(context)
     with state.catalog.session() as session:
-        result = _aborted(lambda: embed_images(session, state.catalog.store, arch, weights, size, bs, device, label,
-                                               progress=_stop_check(context), id_range=(first_id, last_id)))
+        result = embed_images(session, state.catalog.store, arch, weights, size, bs, device, label,
+                              progress=_stop_check(context), id_range=(first_id, last_id))
     state.done(f"Embed {first_id}-{last_id}: {result.computed} computed, {result.already} already had one, "
                f"{len(result.failed)} failed ({result.arch}, {result.device})")
     if result.failed:
@@ -129,6 +153,7 @@ def embed_task(context, first_id: int, last_id: int, arch: str, weights: str, si
     return {"computed": result.computed}
 
 
+@_job
 def engines_task(context, timestamp: int | None = None, engines: list[str] | None = None, query: str | None = None,
                  engine_urls: dict | None = None, timeout: float = 10.0) -> dict:
     """The engines' canary check (`engines check`), recorded; run on demand or by the periodic schedule."""
