@@ -373,11 +373,14 @@ def test_a_queued_engines_check_is_run_and_recorded_by_a_worker(pg_database, tmp
     try:
         queued = run_cli(["engines", "check", "bing", "--engine-url", f"bing={site.base}", "--queue"], pg_database)
         assert queued.exit_code == 0 and queued.stdout.startswith("Queued the engines check as job ")
-        result = run_cli(["worker", "--queues", "engines", "--until-empty", "--allow-private"], pg_database)
+        # A schedule that is not due now; --check-only beside --name must leave the worker its name.
+        result = run_cli(["worker", "--queues", "engines", "--until-empty", "--allow-private", "--name", "probe",
+                          "--check-engines", "0 0 1 1 *", "--check-only", "bing", "--json"], pg_database)
         assert result.exit_code == 0, result.output
     finally:
         site.close()
-    assert result.stdout == "Engines checked: bing ok\n"
+    assert json.loads(result.stdout) == {"worker": "probe", "jobs": ["Engines checked: bing ok"],
+                                         "stopped_by_signal": False}
     assert catalog_rows(pg_database, "SELECT engine, verdict FROM engine_checks") == [("bing", "ok")]
 
 

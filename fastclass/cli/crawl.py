@@ -319,8 +319,8 @@ def worker(opts: Options, concurrency: int, queues: tuple[str, ...], name: str |
                                "--check-engines CRON too")
     from fastclass.crawl.engines import get_engine
 
-    for name in check_only:
-        get_engine(name)
+    for engine in check_only:
+        get_engine(engine)
     chosen = [q.strip() for value in queues for q in value.split(",") if q.strip()] or None
     options = WorkerOptions(name=name, queues=chosen, concurrency=concurrency, until_empty=until_empty,
                             allow_private=allow_private, stalled_after=stalled_after, retries=retries,
