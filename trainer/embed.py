@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from db.models import Embedding, EmbeddingModel, Image, ImageStatus
@@ -96,6 +96,18 @@ def _collate(batch):
     return batch
 
 
+def to_embed(session: Session, columns: tuple, label: str | None = None,
+             id_range: tuple[int, int] | None = None) -> Select:
+    """The images an embed covers: the `ok` ones, of `label`, with an id in `id_range`; in-process and
+    queued embed choose them here alike."""
+    query = select(*columns).where(Image.status == ImageStatus.OK.value)
+    if label is not None:
+        query = query.where(Image.label_id == existing_label_id(session, label))
+    if id_range is not None:
+        query = query.where(Image.id.between(*id_range))
+    return query
+
+
 def _model_row(session: Session, row: EmbeddingModel) -> EmbeddingModel:
     """Record a new embedding model; when another process (a queued chunk on another worker) recorded the
     same one first, use theirs."""
@@ -130,12 +142,8 @@ def embed_images(session: Session, store: Store, arch: str = "resnet34", weights
     spec = get_arch(arch)
     key = weights_key(weights)
     torch_device = resolve_device(device)
-    query = select(Image.id, Image.store_path).where(Image.status == ImageStatus.OK.value).order_by(Image.id)
-    if label is not None:
-        query = query.where(Image.label_id == existing_label_id(session, label))
-    if id_range is not None:
-        query = query.where(Image.id.between(*id_range))
-    in_scope = session.execute(query).all()
+    query = to_embed(session, (Image.id, Image.store_path), label, id_range)
+    in_scope = session.execute(query.order_by(Image.id)).all()
     model_row = session.scalar(select(EmbeddingModel).where(
         EmbeddingModel.arch == spec.name, EmbeddingModel.weights == key, EmbeddingModel.size == size))
     done = set()

@@ -53,7 +53,8 @@ def verify(opts: Options, label: str | None, min_size: str, max_pixels: int, max
     rules = VerifyRules(width, height, max_pixels, max_aspect, animated)
     if enqueue:
         if prune:
-            raise click.UsageError("--prune runs after verify has finished: run `verify --prune` once the workers are done")
+            raise click.UsageError("--prune runs after verify has finished: run `verify --prune` once the workers "
+                                   "are done")
         from fastclass.queue import VERIFY_TASK
         from fastclass.queue.tasks import enqueue_chunks, pending_verify_ids
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from db.models import Image as ImageRow
@@ -144,6 +144,19 @@ def _check_task(task: tuple[int, str, str, VerifyRules]) -> Verdict:
     return Verdict(image_id, expect, status, reason, width, height, mode)
 
 
+def to_verify(session: Session, columns: tuple, recheck: bool = False, label: str | None = None,
+              id_range: tuple[int, int] | None = None) -> Select:
+    """The images a verify checks: pending ones (every not-deleted one with recheck), of `label`, with an id
+    in `id_range`; in-process and queued verify choose them here alike."""
+    query = select(*columns).where(ImageRow.status.in_([Status.PENDING, Status.OK, Status.REJECTED]) if recheck
+                                   else ImageRow.status == Status.PENDING)
+    if label is not None:
+        query = query.where(ImageRow.label_id == existing_label_id(session, label))
+    if id_range is not None:
+        query = query.where(ImageRow.id.between(*id_range))
+    return query
+
+
 def verify_images(session: Session, store: Store, rules: VerifyRules = VerifyRules(), label: str | None = None,
                   recheck: bool = False, workers: int | None = None, progress: Progress | None = None,
                   budget: Budget = Budget(), id_range: tuple[int, int] | None = None) -> VerifyResult:
@@ -154,14 +167,7 @@ def verify_images(session: Session, store: Store, rules: VerifyRules = VerifyRul
     decision or a dedup made while verify runs is never reverted. Each file is decoded in isolation
     (see IsolatedPool): one that hangs, exhausts the budget or crashes its worker is rejected alone.
     """
-    query = select(ImageRow.id, ImageRow.status, ImageRow.store_path)
-    query = query.where(ImageRow.status.in_([Status.PENDING, Status.OK, Status.REJECTED]) if recheck
-                        else ImageRow.status == Status.PENDING)
-    if label is not None:
-        label_id = existing_label_id(session, label)
-        query = query.where(ImageRow.label_id == label_id)
-    if id_range is not None:
-        query = query.where(ImageRow.id.between(*id_range))
+    query = to_verify(session, (ImageRow.id, ImageRow.status, ImageRow.store_path), recheck, label, id_range)
     rows = session.execute(query.order_by(ImageRow.id)).all()
     # End the read: on SQLite a transaction that read before another process wrote cannot write later.
     session.commit()

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import CrawlJob, QueueFailure, utcnow
@@ -284,25 +283,16 @@ def enqueue_engines_check(catalog: "Catalog", session: Session, **arguments: Any
 
 
 def pending_verify_ids(session: Session, recheck: bool, label: str | None) -> list[int]:
-    """The images a queued verify would check now (the same choice as an in-process verify)."""
+    """The images a queued verify splits into chunks: those an in-process verify would check now."""
     from db.models import Image
-    from fastclass.labels import existing_label_id
-    from fastclass.lifecycle import Status
+    from fastclass.curate.verify import to_verify
 
-    query = select(Image.id).where(Image.status.in_([Status.PENDING, Status.OK, Status.REJECTED]) if recheck
-                                   else Image.status == Status.PENDING)
-    if label is not None:
-        query = query.where(Image.label_id == existing_label_id(session, label))
-    return list(session.scalars(query))
+    return list(session.scalars(to_verify(session, (Image.id,), recheck, label)))
 
 
 def embed_ids(session: Session, label: str | None) -> list[int]:
     """The ok images (of `label`) a queued embed splits into chunks; each chunk skips those already done."""
     from db.models import Image
-    from fastclass.labels import existing_label_id
-    from fastclass.lifecycle import Status
+    from trainer.embed import to_embed
 
-    query = select(Image.id).where(Image.status == Status.OK)
-    if label is not None:
-        query = query.where(Image.label_id == existing_label_id(session, label))
-    return list(session.scalars(query))
+    return list(session.scalars(to_embed(session, (Image.id,), label)))
