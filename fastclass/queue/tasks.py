@@ -212,6 +212,11 @@ def _driver_connection(session: Session):
     return session.connection().connection.driver_connection
 
 
+def _deferrer(catalog: "Catalog", session: Session, task: str):
+    """procrastinate's deferrer of `task`, deferring in the session's transaction."""
+    return make_app(catalog).configure_task(task, connection=_driver_connection(session))
+
+
 def enqueue_crawls(catalog: "Catalog", session: Session, runs: list["CrawlOptions"]) -> list[int]:
     """Record a crawl job per class and queue it, all in one transaction (all queued, or none); every
     job is checked first, so a bad one fails here, not on a worker. Returns the crawl job ids."""
@@ -227,8 +232,8 @@ def enqueue_crawls(catalog: "Catalog", session: Session, runs: list["CrawlOption
                      status="queued") for o in runs]
     session.add_all(jobs)
     session.flush()
-    deferrer = make_app(catalog).configure_task(CRAWL_TASK, connection=_driver_connection(session))
-    for job, queue_id in zip(jobs, deferrer.batch_defer(*({"crawl_job_id": job.id} for job in jobs))):
+    queue_ids = _deferrer(catalog, session, CRAWL_TASK).batch_defer(*({"crawl_job_id": job.id} for job in jobs))
+    for job, queue_id in zip(jobs, queue_ids):
         job.queue_job_id = queue_id
     session.commit()
     return [job.id for job in jobs]
@@ -268,16 +273,14 @@ def enqueue_chunks(catalog: "Catalog", session: Session, task: str, ids: list[in
     needs_postgres(catalog)
     chunks = id_chunks(ids, chunk)
     if chunks:
-        deferrer = make_app(catalog).configure_task(task, connection=_driver_connection(session))
-        deferrer.batch_defer(*({"first_id": first, "last_id": last, **arguments} for first, last in chunks))
+        _deferrer(catalog, session, task).batch_defer(
+            *({"first_id": first, "last_id": last, **arguments} for first, last in chunks))
         session.commit()
     return chunks
 
 
 def enqueue_engines_check(catalog: "Catalog", session: Session, **arguments: Any) -> int:
-    needs_postgres(catalog)
-    job_id = make_app(catalog).configure_task(ENGINES_TASK, connection=_driver_connection(session)).defer(
-        **arguments)
+    job_id = _deferrer(catalog, session, ENGINES_TASK).defer(**arguments)
     session.commit()
     return job_id
 
