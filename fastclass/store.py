@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from fastclass.errors import FastclassError
+from fastclass.errors import FastclassError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class S3ImageStore(Store):
 
     def _fail(self, what: str, exc: Exception) -> StoreError:
         return StoreError(f"cannot {what} image store {self.root}: {type(exc).__name__}: "
-                          f"{(str(exc).splitlines() or [''])[0][:200]}")
+                          f"{first_line(exc)[:200]}")
 
     def create(self) -> None:
         bucket = self.key.split("/", 1)[0]

@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-from fastclass.errors import FastclassError
+from fastclass.errors import FastclassError, first_line
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -152,7 +152,7 @@ class IsolatedPool:
         except (cf.CancelledError, FastclassError):
             raise  # not the file's fault (the run stops, the store cannot be written): the batch stops
         except Exception as exc:  # a bug in a decoder: reported for this file, the batch goes on
-            return None, f"cannot decode ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
+            return None, f"cannot decode ({type(exc).__name__}: {first_line(exc)[:120]})"
 
     def map(self, fn: Callable[[T], R], tasks: Iterable[T], key: Callable[[T], str],
             failed: Callable[[T, str], R]) -> Iterator[R]:

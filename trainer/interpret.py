@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from db.models import RunLoss, RunStatus, Snapshot
 from fastclass.catalog import find_run
-from fastclass.errors import FastclassError
+from fastclass.errors import FastclassError, first_line
 from fastclass.store import Store
 from trainer.data import snapshot_data
 from trainer.plots import plot_confusion, plot_top_losses
@@ -58,7 +58,7 @@ def load_exported(path: Path, device: str = "cpu"):
             return load_learner(path, cpu=device == "cpu")
         except Exception as exc:  # unpickling raises whatever the broken file provokes
             raise FastclassError(f"cannot load the exported model {path}: {type(exc).__name__}: "
-                                 f"{(str(exc).splitlines() or [''])[0][:200]}") from exc
+                                 f"{first_line(exc)[:200]}") from exc
 
 
 def probabilities(learn, frame, tta: bool = False):

@@ -29,6 +29,8 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from fastclass.errors import first_line
+
 PERMANENT_HTTP = {400, 401, 403, 404, 405, 406, 410, 414, 415, 451}
 RETRY_HTTP = {429, 502, 503, 504}
 MAX_RETRY_WAIT = 60.0
@@ -269,7 +271,7 @@ class Fetcher:
         except urllib3.exceptions.MaxRetryError as exc:
             raise _failure(exc.reason or exc, self.max_redirects) from None
         except (urllib3.exceptions.LocationValueError, ValueError) as exc:
-            raise FetchFailed(f"bad URL ({_first_line(exc)})") from None
+            raise FetchFailed(f"bad URL ({first_line(exc)})") from None
         except urllib3.exceptions.HTTPError as exc:
             raise _failure(exc, self.max_redirects) from None
         try:
@@ -293,7 +295,7 @@ class Fetcher:
         except OSError as exc:
             if self.stop.is_set():
                 raise Stopped() from None
-            raise FetchFailed(f"connection failed ({_first_line(exc)})", permanent=False) from None
+            raise FetchFailed(f"connection failed ({first_line(exc)})", permanent=False) from None
         finally:
             response.release_conn()
 
@@ -362,16 +364,14 @@ def _failure(exc: BaseException, max_redirects: int) -> FetchFailed:
     if isinstance(exc, urllib3.exceptions.ResponseError):
         return FetchFailed(f"too many redirects (more than {max_redirects})")
     if isinstance(exc, urllib3.exceptions.LocationValueError):
-        return FetchFailed(f"bad URL ({_first_line(exc)})")
+        return FetchFailed(f"bad URL ({first_line(exc)})")
     if isinstance(exc, urllib3.exceptions.TimeoutError):
         return FetchFailed("timed out", permanent=False)
     if isinstance(exc, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ProtocolError,
                         urllib3.exceptions.NameResolutionError)):
         return FetchFailed("connection failed", permanent=False)
     if isinstance(exc, urllib3.exceptions.DecodeError):
-        return FetchFailed(f"bad content encoding ({_first_line(exc)[:100]})", rejected=True)
-    return FetchFailed(f"{type(exc).__name__}: {_first_line(exc)[:150]}", permanent=False)
+        return FetchFailed(f"bad content encoding ({first_line(exc)[:100]})", rejected=True)
+    return FetchFailed(f"{type(exc).__name__}: {first_line(exc)[:150]}", permanent=False)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0]

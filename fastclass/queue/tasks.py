@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from sqlalchemy.orm import Session
 
 from db.models import CrawlJob, QueueFailure, utcnow
-from fastclass.errors import FastclassError, NotFoundError, StopRequested
+from fastclass.errors import FastclassError, NotFoundError, StopRequested, first_line
 from fastclass.queue import CRAWL_TASK, EMBED_TASK, ENGINES_TASK, VERIFY_TASK, conninfo, needs_postgres
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def _job(task: Callable[..., dict]) -> Callable[..., dict]:
 
 def _record_failure(context, exc: Exception) -> None:
     state = _state(context)
-    error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:2000]
+    error = f"{type(exc).__name__}: {first_line(exc)}"[:2000]
     try:
         with state.catalog.session() as session:
             session.merge(QueueFailure(queue_job_id=context.job.id, task=context.job.task_name, worker=state.name,

@@ -10,7 +10,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from fastclass.errors import FastclassError
+from fastclass.errors import FastclassError, first_line
 from fastclass.queue import ENGINES_TASK, QUEUES, needs_postgres
 from fastclass.queue.tasks import WorkerState, make_app
 
@@ -90,7 +90,7 @@ class _OneLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and not logging.getLogger("fastclass").isEnabledFor(logging.DEBUG):
             exc = record.exc_info[1]
-            first = (str(exc).splitlines() or [""])[0][:300]
+            first = first_line(exc)[:300]
             record.msg = f"{record.getMessage()}: {type(exc).__name__}: {first}"
             record.args, record.exc_info, record.exc_text = (), None, None
         return True
