@@ -80,6 +80,17 @@ def store_matches_catalog(location: str, store: Path) -> None:
     assert not list((store / ".tmp").iterdir())
 
 
+def sqlite_twin(pg_database: str, tmp_path: Path, folder: Path) -> str:
+    """The PostgreSQL catalog and a SQLite one beside it, both initialised and holding `folder` imported:
+    a queued run on the first is compared with an in-process run on the second."""
+    local = str(tmp_path / "local.db")
+    init_catalog(local, str(tmp_path / "local-images"))
+    init_catalog(pg_database, str(tmp_path / "images"))
+    for location in (local, pg_database):
+        assert run_cli(["import", str(folder)], location).exit_code == 0
+    return local
+
+
 @pytest.mark.parametrize("command", [["crawl", "owl", "--queue"], ["verify", "--queue"], ["embed", "--queue"],
                                      ["engines", "check", "--queue"], ["worker", "--until-empty"]])
 def test_sqlite_catalogs_refuse_queues_in_one_line(sqlite_catalog, command):
@@ -181,12 +192,7 @@ def test_a_job_failing_past_its_retry_budget_ends_failed_with_its_last_error(pg_
 
 @pytest.mark.postgres
 def test_queued_verify_in_chunks_across_two_workers_gives_the_in_process_verdicts(pg_database, tmp_path):
-    folder = cases(tmp_path / "in")
-    local = str(tmp_path / "local.db")
-    init_catalog(local, str(tmp_path / "local-images"))
-    init_catalog(pg_database, str(tmp_path / "images"))
-    for location in (local, pg_database):
-        assert run_cli(["import", str(folder)], location).exit_code == 0
+    local = sqlite_twin(pg_database, tmp_path, cases(tmp_path / "in"))
     assert run_cli(["verify"], local).exit_code == 0
 
     queued = json.loads(run_cli(["verify", "--queue", "--chunk", "3", "--json"], pg_database).stdout)
@@ -338,11 +344,8 @@ def test_queued_embed_chunks_compute_each_vector_once_as_in_process(pg_database,
         for n, data in enumerate(images):
             (folder / label).mkdir(parents=True, exist_ok=True)
             (folder / label / f"{n}.png").write_bytes(data)
-    local = str(tmp_path / "local.db")
-    init_catalog(local, str(tmp_path / "local-images"))
-    init_catalog(pg_database, str(tmp_path / "images"))
+    local = sqlite_twin(pg_database, tmp_path, folder)
     for location in (local, pg_database):
-        assert run_cli(["import", str(folder)], location).exit_code == 0
         assert run_cli(["verify"], location).exit_code == 0
     assert run_cli(embed_args("--size", "32"), local).exit_code == 0
 
