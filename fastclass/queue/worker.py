@@ -69,18 +69,15 @@ async def _outstanding(app: "App", queues: list[str] | None) -> int:
     return int(row["n"])
 
 
-async def _recover_stalled(app: "App", stalled_after: float) -> int:
+async def _recover_stalled(app: "App", stalled_after: float) -> None:
     """Queue again the jobs of workers whose heartbeat is older than stalled_after (killed, frozen, cut off)."""
-    recovered = 0
     for job in await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stalled_after):
         try:
             await app.job_manager.retry_job(job)
-            recovered += 1
             log.warning("job %s (%s) of a worker that stopped sending heartbeats is queued again", job.id,
                         job.task_name)
         except Exception:  # another worker queued it again first
             log.debug("stalled job %s was already taken care of", job.id, exc_info=True)
-    return recovered
 
 
 class _OneLine(logging.Filter):
